@@ -1,0 +1,72 @@
+"""PyTorch reference of one SSMLoRA step: the oracle for the Triton kernel and the CPU path of the tuner.
+
+Math (row vectors; weights in peft's `nn.Linear` layout, i.e. `A_w = Aᵀ` of shape `(r, d_in)`, `B_w = Bᵀ` of
+shape `(d_out, r)`, `C_w = Cᵀ` and `D_w = Dᵀ` of shape `(r, r)`)::
+
+    u  = x A
+    z  = s + s C + u D
+    n  = (z - min_r z) / (max_r z - min_r z + eps)        # per token, over the rank axis
+    v  = u + leaky_relu(dropout(n), leaky_slope)
+    y  = base_out + scaling · v B                          # n is the state handed to the next module of the chain
+
+The state math (`s`, `z`, min/max, `n`, `v`) runs in float32 whatever the input dtype: bf16 rounding wrecks the
+min-max normalisation and fp16 flushes `eps = 1e-8` to zero. `min`/`max` route their gradient to the *first*
+arg-min/arg-max only (the Triton kernel does the same); `torch.amin/amax` would split it among ties.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ssmlora_step_reference(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    state: torch.Tensor | None,
+    A_w: torch.Tensor,
+    B_w: torch.Tensor,
+    C_w: torch.Tensor,
+    D_w: torch.Tensor,
+    *,
+    scaling: float,
+    leaky_slope: float = 0.01,
+    eps: float = 1e-8,
+    dropout_mask: torch.Tensor | None = None,
+    detach_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SSMLoRA step in plain PyTorch, differentiable by autograd.
+
+    Args:
+        x (`torch.Tensor`): input of the frozen layer, shape `(..., d_in)`.
+        base_out (`torch.Tensor`): output of the frozen layer for `x`, shape `(..., d_out)`; not modified.
+        state (`torch.Tensor` or `None`): incoming state `s`, shape `(..., r)`; `None` means zeros (chain start).
+        A_w, B_w, C_w, D_w (`torch.Tensor`): adapter weights in `nn.Linear` layout (see the module docstring).
+        scaling (`float`): factor on the low-rank update.
+        leaky_slope (`float`): negative slope of the leaky ReLU (only its gradient matters, as `n ≥ 0`).
+        eps (`float`): added to `max - min` in the normalisation.
+        dropout_mask (`torch.Tensor` or `None`): multiplicative mask on `n` (entries 0 or `1/(1-p)`), broadcastable
+            to `(..., r)`; `None` means no dropout.
+        detach_state (`bool`): `True` (the paper): the incoming state carries values but no gradient.
+
+    Returns:
+        `(out, new_state)`: `out = base_out + scaling · v B` in `base_out`'s dtype, and the float32 state `n`.
+    """
+    u = F.linear(x.to(A_w.dtype), A_w)
+    # The state path must stay float32 even under an enclosing autocast region.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        u32 = u.float()
+        if state is None:
+            z = F.linear(u32, D_w.float())
+        else:
+            s = state.float()
+            if detach_state:
+                s = s.detach()
+            z = s + F.linear(s, C_w.float()) + F.linear(u32, D_w.float())
+        lo = z.gather(-1, z.argmin(dim=-1, keepdim=True))
+        hi = z.gather(-1, z.argmax(dim=-1, keepdim=True))
+        n = (z - lo) / (hi - lo + eps)
+        dropped = n if dropout_mask is None else n * dropout_mask.to(n.dtype)
+        v = u32 + F.leaky_relu(dropped, negative_slope=leaky_slope)
+    delta = F.linear(v.to(B_w.dtype), B_w) * scaling
+    return base_out + delta.to(base_out.dtype), n
