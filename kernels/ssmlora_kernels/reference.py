@@ -56,13 +56,12 @@ def ssmlora_step_reference(
     # The state path must stay float32 even under an enclosing autocast region.
     with torch.autocast(device_type=x.device.type, enabled=False):
         u32 = u.float()
-        if state is None:
-            z = F.linear(u32, D_w.float())
-        else:
-            s = state.float()
-            if detach_state:
-                s = s.detach()
-            z = s + F.linear(s, C_w.float()) + F.linear(u32, D_w.float())
+        # A zero state still goes through C, so that C receives a (zero) gradient at a chain start: DDP requires
+        # every trainable parameter to take part in the loss.
+        s = u32.new_zeros(u32.shape) if state is None else state.float()
+        if detach_state:
+            s = s.detach()
+        z = s + F.linear(s, C_w.float()) + F.linear(u32, D_w.float())
         lo = z.gather(-1, z.argmin(dim=-1, keepdim=True))
         hi = z.gather(-1, z.argmax(dim=-1, keepdim=True))
         n = (z - lo) / (hi - lo + eps)

@@ -1,0 +1,164 @@
+"""`SSMLoRAConfig`: the configuration of an SSMLoRA adapter, a `peft.PeftConfig` dataclass."""
+
+from __future__ import annotations
+
+import enum
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+
+class SSMLoRAPeftType(str, enum.Enum):
+    """The plugin's own PEFT type: peft's `PeftType` enum cannot be extended from outside peft.
+
+    The value is what `adapter_config.json` stores as `peft_type`. peft looks it up in its type registry and, when
+    this plugin was not imported, fails with a `KeyError` that shows only this value: so the value itself tells
+    the user what to do.
+    """
+
+    SSMLORA = "SSMLORA (run `import peft_ssmlora` before loading this adapter)"
+
+
+# The paper's sparse scheme: query and value alternate along depth (query in even, value in odd layers), each on its
+# own chain; GPT-2's fused `c_attn` is adapted in every other layer. Both come out at half of peft LoRA's default.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+}
+
+
+@dataclass
+class SSMLoRAConfig(PeftConfig):
+    """Configuration of an SSMLoRA adapter (Yu et al., NAACL 2025): LoRA modules of the same type linked across
+    layers by a first-order state-space step on a per-token rank-`r` state.
+
+    Args:
+        r (`int`): rank of every module (≥ 1; below 2 the normalised state is identically 0, so C and D learn
+            nothing and a warning is given).
+        lora_alpha (`float`): scale numerator, as in LoRA.
+        scale_by_rank (`bool`): `True` (default): scaling = `lora_alpha / r`, as in peft's LoRA, so that
+            `LoraConfig(r=8, lora_alpha=16)` and `SSMLoRAConfig(r=8, lora_alpha=16)` mean the same scale.
+            `False`: scaling = raw `lora_alpha`, as in the paper's reference code (needs a much smaller learning rate).
+        target_modules (`list[str]` or `str`): every adapted module: a list of names (exact, or suffix after a dot), a
+            regex matched against the full module name, or `"all-linear"`. `None`: the model family's default, the
+            paper's query/value interval scheme.
+        interval_modules (`list[str]`): subset of the targets adapted in staggered layers: with period
+            `P = max(2, len(interval_modules))` the k-th listed module is adapted in the layers `i` with `i % P == k`.
+            `["q_proj", "v_proj"]` gives query in even and value in odd layers; `["c_attn"]` every other layer.
+            `None` (with `target_modules=None`): the default targets, staggered; otherwise every layer.
+        exclude_modules (`list[str]` or `str`): modules never adapted (same matching rules as `target_modules`).
+        layers_to_transform (`list[int]` or `int`): only adapt these layer indices.
+        layers_pattern (`list[str]` or `str`): name of the `nn.ModuleList` holding the layers (e.g. `"layers"`,
+            `"h"`); used to find layer indices for `layers_to_transform`, interval placement and chain order.
+            `None`: the first numbered segment of a module's name is its layer index.
+        modules_to_save (`list[str]`): extra modules trained and saved in full (e.g. a classifier head).
+        bias (`str`): `"none"`, `"all"` or `"ssmlora_only"`: which biases are trained.
+        state_dropout (`float`): dropout probability on the normalised state (not on the input `x`).
+        leaky_slope (`float`): negative slope of the leaky ReLU on the dropped-out state (only its gradient matters).
+        norm_eps (`float`): epsilon in the per-token min-max normalisation.
+        state_grad (`str`): `"detach"` (the paper): the state carries values along the chain but no gradient;
+            `"full"`: backpropagate through the whole chain within one forward.
+        init_weights (`bool` or `str`): `"gaussian"` / `True` (default, the paper): A ~ N(0, 1/r), B = C = D = 0;
+            `"kaiming"`: A as in peft's LoRA (kaiming-uniform), B = C = D = 0; `False`: every matrix random, so a
+            fresh adapter is not a no-op (for tests only).
+    """
+
+    r: int = field(default=8, metadata={"help": "Rank of each SSMLoRA module (>= 1, >= 2 recommended)."})
+    lora_alpha: float = field(default=16, metadata={"help": "Scale numerator, as in LoRA."})
+    scale_by_rank: bool = field(
+        default=True,
+        metadata={"help": "True: scaling = lora_alpha / r (peft LoRA); False: raw lora_alpha (reference code)."},
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names (exact or dot-suffix), a regex, or 'all-linear'. None: the model family's "
+            "default, the paper's query/value interval scheme."
+        },
+    )
+    interval_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Targets adapted in staggered layers: the k-th is adapted in layers i with i % max(2, len) == k."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex of modules never adapted."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt these layer indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the nn.ModuleList holding the layers, e.g. 'layers' or 'h'."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules trained and saved in full, e.g. a classifier head."}
+    )
+    bias: Literal["none", "all", "ssmlora_only"] = field(
+        default="none", metadata={"help": "Which biases are trained: 'none', 'all' or 'ssmlora_only'."}
+    )
+    state_dropout: float = field(default=0.1, metadata={"help": "Dropout probability on the normalised state."})
+    leaky_slope: float = field(default=0.01, metadata={"help": "Negative slope of the leaky ReLU on the state."})
+    norm_eps: float = field(default=1e-8, metadata={"help": "Epsilon of the per-token min-max normalisation."})
+    state_grad: Literal["detach", "full"] = field(
+        default="detach",
+        metadata={"help": "'detach' (paper): no gradient along the chain; 'full': backpropagate through it."},
+    )
+    init_weights: Union[bool, Literal["gaussian", "kaiming"]] = field(
+        default=True,
+        metadata={"help": "True/'gaussian': A ~ N(0, 1/r); 'kaiming': peft LoRA's A; B = C = D = 0. False: random."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = SSMLoRAPeftType.SSMLORA
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.interval_modules, str):
+            self.interval_modules = [self.interval_modules]
+
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"`r` must be an integer >= 1, got {self.r!r}. Use r >= 2 (e.g. r=8).")
+        if self.r < 2:
+            warnings.warn(
+                "SSMLoRA with r=1: the min-max normalised state is identically 0, so the state matrices C and D "
+                "learn nothing and SSMLoRA reduces to LoRA. Use r >= 2.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if not 0.0 <= self.state_dropout < 1.0:
+            raise ValueError(f"`state_dropout` must be in [0, 1), got {self.state_dropout}.")
+        if self.norm_eps <= 0:
+            raise ValueError(f"`norm_eps` must be > 0 (it guards a division by max - min), got {self.norm_eps}.")
+        if self.state_grad not in ("detach", "full"):
+            raise ValueError(f"`state_grad` must be 'detach' or 'full', got {self.state_grad!r}.")
+        if self.bias not in ("none", "all", "ssmlora_only"):
+            raise ValueError(f"`bias` must be 'none', 'all' or 'ssmlora_only', got {self.bias!r}.")
+        if self.init_weights not in (True, False, "gaussian", "kaiming"):
+            raise ValueError(f"`init_weights` must be True, False, 'gaussian' or 'kaiming', got {self.init_weights!r}.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError(
+                "`layers_to_transform` cannot be combined with a regex `target_modules`; pass a list of module "
+                "names instead, or put the layer indices into the regex."
+            )
+        if self.interval_modules is not None and len(self.interval_modules) == 0:
+            raise ValueError("`interval_modules` is empty; pass None to adapt every target in every layer.")
+
+    @property
+    def scaling(self) -> float:
+        """The factor on the low-rank update: `lora_alpha / r` or raw `lora_alpha` (see `scale_by_rank`)."""
+        return self.lora_alpha / self.r if self.scale_by_rank else float(self.lora_alpha)

@@ -1,0 +1,155 @@
+"""SSMLoRA layers: the per-adapter weights wrapped around a frozen linear layer, and their forward."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .chain import ChainContext, ChainLink
+from .config import SSMLoRAConfig
+from .step import ssmlora_step
+
+MERGE_REFUSED = (
+    "SSMLoRA cannot be merged into the base weights: its update depends on a state carried from earlier layers "
+    "through a nonlinear min-max normalisation, so it is not a fixed weight delta. Use `unload()` to get the base "
+    "model back, or keep the PEFT model for inference."
+)
+
+
+class SSMLoRALayer(BaseTunerLayer):
+    """Mixin holding one frozen `base_layer` and the SSMLoRA weights of each adapter.
+
+    Per adapter, in `nn.Linear` layout (so `ssmlora_A.weight` is Aᵀ): `ssmlora_A` (d_in → r), `ssmlora_B` (r → d_out),
+    `ssmlora_C` and `ssmlora_D` (r → r). Trainable per module: r·(d_in + d_out) + 2r².
+    """
+
+    adapter_layer_names = ("ssmlora_A", "ssmlora_B", "ssmlora_C", "ssmlora_D")
+    other_param_names = ("r", "scaling", "state_dropout", "leaky_slope", "norm_eps", "detach_state", "ssmlora_chain")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.state_dropout: dict[str, float] = {}
+        self.leaky_slope: dict[str, float] = {}
+        self.norm_eps: dict[str, float] = {}
+        self.detach_state: dict[str, bool] = {}
+        # Filled by the tuner once every module of the adapter exists (positions need the whole chain).
+        self.ssmlora_chain: dict[str, ChainLink] = {}
+        self.ssmlora_context: ChainContext | None = None
+        self.ssmlora_A = nn.ModuleDict({})
+        self.ssmlora_B = nn.ModuleDict({})
+        self.ssmlora_C = nn.ModuleDict({})
+        self.ssmlora_D = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            self.in_features, self.out_features = base.in_features, base.out_features
+        elif isinstance(base, Conv1D):
+            # transformers' Conv1D (GPT-2) stores its weight as (in, out), the transpose of nn.Linear.
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            raise TypeError(
+                f"SSMLoRA supports torch.nn.Linear and transformers' Conv1D layers, not {type(base).__name__}; "
+                "remove this module from `target_modules`."
+            )
+
+    def update_layer(self, adapter_name: str, config: SSMLoRAConfig) -> None:
+        """Create (or re-create) the weights of `adapter_name` from `config`."""
+        r = config.r
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = config.scaling
+        self.state_dropout[adapter_name] = config.state_dropout
+        self.leaky_slope[adapter_name] = config.leaky_slope
+        self.norm_eps[adapter_name] = config.norm_eps
+        self.detach_state[adapter_name] = config.state_grad == "detach"
+        self.ssmlora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.ssmlora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        self.ssmlora_C[adapter_name] = nn.Linear(r, r, bias=False)
+        self.ssmlora_D[adapter_name] = nn.Linear(r, r, bias=False)
+        self.reset_ssmlora_parameters(adapter_name, config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    @torch.no_grad()
+    def reset_ssmlora_parameters(self, adapter_name: str, init_weights: bool | str) -> None:
+        A = self.ssmlora_A[adapter_name].weight
+        others = [self.ssmlora_B[adapter_name].weight, self.ssmlora_C[adapter_name].weight,
+                  self.ssmlora_D[adapter_name].weight]
+        if A.device.type == "meta":
+            return
+        if init_weights == "kaiming":
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        else:
+            # The paper: A ~ N(0, 1/r), i.e. standard deviation 1/sqrt(r).
+            nn.init.normal_(A, std=1.0 / math.sqrt(self.r[adapter_name]))
+        for weight in others:
+            if init_weights is False:
+                # Not a no-op from the start: only for tests and debugging.
+                nn.init.normal_(weight, std=0.1)
+            else:
+                nn.init.zeros_(weight)
+
+
+class Linear(nn.Module, SSMLoRALayer):
+    """SSMLoRA around a frozen `nn.Linear` or `Conv1D`."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SSMLoRAConfig, **kwargs: Any) -> None:
+        super().__init__()
+        SSMLoRALayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise NotImplementedError(MERGE_REFUSED)
+
+    def unmerge(self) -> None:
+        raise NotImplementedError(MERGE_REFUSED)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        raise NotImplementedError(MERGE_REFUSED)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for adapter in self.active_adapters:
+            if adapter not in self.ssmlora_A:
+                continue
+            link = self.ssmlora_chain.get(adapter)
+            if link is None or self.ssmlora_context is None:
+                raise RuntimeError(
+                    f"SSMLoRA layer for adapter {adapter!r} is not part of a chain; create SSMLoRA layers through "
+                    "`get_peft_model` / `add_adapter`, not by hand."
+                )
+            state = self.ssmlora_context.read(adapter, link, x)
+            result, new_state = ssmlora_step(
+                x,
+                result,
+                state,
+                self.ssmlora_A[adapter].weight,
+                self.ssmlora_B[adapter].weight,
+                self.ssmlora_C[adapter].weight,
+                self.ssmlora_D[adapter].weight,
+                scaling=self.scaling[adapter],
+                dropout_p=self.state_dropout[adapter] if self.training else 0.0,
+                leaky_slope=self.leaky_slope[adapter],
+                eps=self.norm_eps[adapter],
+                detach_state=self.detach_state[adapter],
+            )
+            if self.detach_state[adapter]:
+                # The next module would detach it anyway; detaching here frees this step's graph sooner.
+                new_state = new_state.detach()
+            self.ssmlora_context.write(adapter, link, new_state)
+        return result
+
+    def __repr__(self) -> str:
+        return "ssmlora." + super().__repr__()

@@ -1,0 +1,197 @@
+"""`SSMLoRAModel`: the peft tuner that injects SSMLoRA layers and links them into chains."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .chain import ChainContext, assign_chains, layer_index
+from .config import DEFAULT_TARGET_MODULES, SSMLoRAConfig
+from .layer import MERGE_REFUSED, Linear, SSMLoRALayer
+
+
+def _name_matches(key: str, name: str) -> bool:
+    """peft's rule for a listed module name: the full name, or a suffix after a dot."""
+    return key == name or key.endswith("." + name)
+
+
+def _interval_slot(config: SSMLoRAConfig, key: str) -> int | None:
+    """Index k of the interval module that `key` is, or `None` if it is not an interval module."""
+    for k, name in enumerate(config.interval_modules or ()):
+        if _name_matches(key, name):
+            return k
+    return None
+
+
+class SSMLoRAModel(BaseTuner):
+    """Creates an SSMLoRA model from a pretrained transformers model (see `SSMLoRAConfig`).
+
+    Besides the layers, the tuner owns a `ChainContext` that carries states between the modules of each chain, and
+    one forward pre-hook on the wrapped model that clears it at the start of every forward call (so every call starts
+    from zero states) and refuses reentrant activation checkpointing. `unload()` removes the hook.
+    """
+
+    prefix: str = "ssmlora_"
+    tuner_layer_cls = SSMLoRALayer
+    target_module_mapping = DEFAULT_TARGET_MODULES
+
+    def __init__(self, model: nn.Module, config, adapter_name: str, **kwargs: Any) -> None:
+        # Set before `super().__init__`, which injects the first adapter and needs both.
+        self.chain_context = ChainContext()
+        self._forward_hook: torch.utils.hooks.RemovableHandle | None = None
+        super().__init__(model, config, adapter_name, **kwargs)
+
+    # ---------------------------------------------------------------- configuration and validation
+
+    def _prepare_adapter_config(self, peft_config: SSMLoRAConfig, model_config: dict) -> SSMLoRAConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            defaults = self.target_module_mapping.get(model_type)
+            if defaults is None:
+                raise ValueError(
+                    f"SSMLoRA has no default target modules for model type {model_type!r}; pass `target_modules` "
+                    "(and `interval_modules` for the paper's staggered placement), e.g. "
+                    "SSMLoRAConfig(target_modules=['q_proj', 'v_proj'], interval_modules=['q_proj', 'v_proj'])."
+                )
+            peft_config.target_modules = set(defaults)
+            if peft_config.interval_modules is None:
+                peft_config.interval_modules = list(defaults)
+        return peft_config
+
+    def _validate_against_model(self, config: SSMLoRAConfig, model: nn.Module) -> None:
+        """Errors that name the fix, raised before any module is replaced."""
+        keys = [key for key, _ in model.named_modules() if key]
+        adaptable = sorted(
+            {key.rsplit(".", 1)[-1] for key, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))}
+        )
+        if isinstance(config.target_modules, (set, list)):
+            missing = sorted(name for name in config.target_modules if not any(_name_matches(k, name) for k in keys))
+            if missing:
+                raise ValueError(
+                    f"SSMLoRA target module(s) {missing} match no module of the model. Linear layers it has: "
+                    f"{adaptable}. Fix `target_modules`."
+                )
+        if config.interval_modules:
+            if isinstance(config.target_modules, (set, list)):
+                outside = [name for name in config.interval_modules if name not in config.target_modules]
+            else:  # a regex or 'all-linear': an interval module must name at least one targeted module
+                targeted = [k for k in keys if check_target_module_exists(config, k)]
+                outside = [n for n in config.interval_modules if not any(_name_matches(k, n) for k in targeted)]
+            if outside:
+                raise ValueError(
+                    f"`interval_modules` {outside} are not among the targets {config.target_modules}; every interval "
+                    "module must also be a target module. Add them to `target_modules` or remove them from "
+                    "`interval_modules`."
+                )
+        if config.layers_pattern:
+            patterns = [config.layers_pattern] if isinstance(config.layers_pattern, str) else config.layers_pattern
+            if not any(layer_index(k, patterns) is not None for k in keys):
+                layer_lists = sorted({re.sub(r"\.\d+$", "", k) for k in keys if re.search(r"\.\d+$", k)})
+                raise ValueError(
+                    f"`layers_pattern` {config.layers_pattern!r} matches no layer of the model; its numbered layer "
+                    f"lists are {layer_lists}. Set `layers_pattern` to the last part of one of them (e.g. 'layers')."
+                )
+
+    def _check_target_module_exists(self, peft_config: SSMLoRAConfig, key: str):  # type: ignore[override]
+        matched = check_target_module_exists(peft_config, key)
+        if not matched or isinstance(matched, _ExcludedModule):
+            return matched
+        slot = _interval_slot(peft_config, key)
+        if slot is None:
+            return matched
+        index = layer_index(key, peft_config.layers_pattern)
+        if index is None:
+            raise ValueError(
+                f"Interval module {peft_config.interval_modules[slot]!r} matched {key!r}, which has no layer index; "
+                "only modules inside the layer stack can be staggered. Remove it from `interval_modules`."
+            )
+        period = max(2, len(peft_config.interval_modules))
+        return index % period == slot
+
+    # ---------------------------------------------------------------- injection
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
+        if isinstance(target, SSMLoRALayer):
+            target.update_layer(adapter_name, config)
+            return
+        if isinstance(target, BaseTunerLayer):
+            raise TypeError(
+                f"{current_key!r} is already adapted by another PEFT method ({type(target).__name__}); SSMLoRA "
+                "cannot be stacked on it."
+            )
+        new_module = Linear(target, adapter_name, config)
+        if adapter_name not in self.active_adapters:
+            # An added adapter is not trainable until it is made active (as in peft's LoRA).
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        config = self.peft_config[adapter_name]
+        self._validate_against_model(self._prepare_adapter_config(config, self.get_model_config(model)), model)
+        super().inject_adapter(model, adapter_name, **kwargs)
+        self._link_chains(model, adapter_name)
+        if self._forward_hook is None:
+            self._forward_hook = model.register_forward_pre_hook(self._start_forward)
+
+    def _link_chains(self, model: nn.Module, adapter_name: str) -> None:
+        """Give every module of `adapter_name` its chain position (this needs all of them, hence after injection)."""
+        layers = {key: module for key, module in model.named_modules()
+                  if isinstance(module, SSMLoRALayer) and adapter_name in module.ssmlora_A}
+        links = assign_chains(list(layers), self.peft_config[adapter_name].layers_pattern)
+        for key, module in layers.items():
+            module.ssmlora_chain[adapter_name] = links[key]
+            module.ssmlora_context = self.chain_context
+
+    def _start_forward(self, module: nn.Module, args: Any) -> None:
+        self.chain_context.reset()
+        if module.training and torch.is_grad_enabled():
+            _refuse_reentrant_checkpointing(module)
+
+    # ---------------------------------------------------------------- merging and unloading
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        raise NotImplementedError(MERGE_REFUSED)
+
+    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(MERGE_REFUSED)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
+        if merge:
+            raise NotImplementedError(MERGE_REFUSED)
+        model = super()._unload_and_optionally_merge(merge=False, *args, **kwargs)
+        self._remove_forward_hook()
+        return model
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if not self.peft_config:
+            self._remove_forward_hook()
+
+    def _remove_forward_hook(self) -> None:
+        if self._forward_hook is not None:
+            self._forward_hook.remove()
+            self._forward_hook = None
+        self.chain_context.reset()
+
+
+def _refuse_reentrant_checkpointing(model: nn.Module) -> None:
+    """Reentrant checkpointing runs each layer's first forward under `no_grad` and recomputes it later, out of chain
+    order, inside backward: the chain would silently get wrong states and gradients. Non-reentrant checkpointing
+    (transformers' default) recomputes with the states of the original forward and is exact."""
+    for module in model.modules():
+        if not getattr(module, "gradient_checkpointing", False):
+            continue
+        checkpoint_fn = getattr(module, "_gradient_checkpointing_func", None)
+        # torch.utils.checkpoint treats a missing `use_reentrant` as True.
+        if getattr(checkpoint_fn, "keywords", {}).get("use_reentrant", True):
+            raise RuntimeError(
+                "SSMLoRA does not support reentrant activation checkpointing: it recomputes layers out of chain "
+                "order and would silently give wrong gradients. Enable non-reentrant checkpointing instead: "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
+                "(or TrainingArguments(gradient_checkpointing_kwargs={'use_reentrant': False}))."
+            )
