@@ -1,0 +1,142 @@
+"""Configuration, placement and trainable-parameter counts (the paper's exact figures, on the meta device)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny_models import tiny_bert, tiny_gpt2, trainable_adapter_params
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    GPT2Config,
+    GPT2Model,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    RobertaConfig,
+    RobertaModel,
+)
+
+from peft_ssmlora import SSMLoRAConfig
+
+
+def trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def on_meta(factory):
+    with torch.device("meta"):
+        return factory()
+
+
+# ---------------------------------------------------------------- the paper's exact figures
+
+
+def test_llama2_7b_counts_match_the_paper():
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000, num_labels=2, pad_token_id=0)
+    targets = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "score"]
+    ssm = get_peft_model(on_meta(lambda: LlamaForSequenceClassification(config)),
+                         SSMLoRAConfig(r=8, target_modules=targets, interval_modules=["q_proj", "v_proj"]))
+    assert trainable(ssm) == 15_847_568
+    lora = get_peft_model(on_meta(lambda: LlamaForSequenceClassification(config)),
+                          LoraConfig(r=8, target_modules=["q_proj", "k_proj", *targets]))
+    assert trainable(lora) == 20_021_264
+
+
+@pytest.mark.parametrize(("r", "expected"), [(1, 49_200), (16, 798_720)])
+def test_roberta_large_query_value_interval_counts(r, expected):
+    config = RobertaConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+    model = get_peft_model(on_meta(lambda: RobertaModel(config, add_pooling_layer=False)),
+                           SSMLoRAConfig(r=r, target_modules=["query", "value"], interval_modules=["query", "value"]))
+    assert trainable(model) == expected
+
+
+def test_gpt2_c_attn_interval_count():
+    with pytest.warns(UserWarning, match="r=1"):
+        config = SSMLoRAConfig(r=1)  # the model family's default: c_attn in every other layer
+    model = get_peft_model(on_meta(lambda: GPT2Model(GPT2Config())), config)
+    assert trainable(model) == 18_444
+    adapted = [n for n, _ in model.named_modules() if n.endswith("c_attn") and hasattr(_, "ssmlora_A")]
+    assert [int(n.split(".h.")[1].split(".")[0]) for n in adapted] == [0, 2, 4, 6, 8, 10]
+
+
+# ---------------------------------------------------------------- defaults per model family
+
+FAMILIES = {
+    "bert": dict(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16, intermediate_size=2048),
+    "roberta": dict(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16, intermediate_size=2048),
+    "deberta-v2": dict(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16, intermediate_size=2048),
+    "gpt2": dict(n_embd=1024, n_layer=4, n_head=16),
+    "llama": dict(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16, intermediate_size=2048),
+    "mistral": dict(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16, intermediate_size=2048),
+    "qwen2": dict(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16, intermediate_size=2048),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_family_default_is_about_half_of_lora_default(model_type):
+    config = AutoConfig.for_model(model_type, **FAMILIES[model_type])
+    ssm = trainable_adapter_params(get_peft_model(on_meta(lambda: AutoModel.from_config(config)),
+                                                  SSMLoRAConfig(r=8)), "ssmlora_")
+    lora = trainable_adapter_params(get_peft_model(on_meta(lambda: AutoModel.from_config(config)),
+                                                   LoraConfig(r=8)), "lora_")
+    assert 0.49 <= ssm / lora <= 0.52, (ssm, lora)
+
+
+def test_default_placement_alternates_query_and_value():
+    model = get_peft_model(tiny_bert(layers=4), SSMLoRAConfig(r=4))
+    adapted = sorted(n.split("encoder.layer.")[1] for n, m in model.named_modules() if hasattr(m, "ssmlora_chain"))
+    assert adapted == ["0.attention.self.query", "1.attention.self.value", "2.attention.self.query",
+                       "3.attention.self.value"]
+    chains = {m.ssmlora_chain["default"] for m in model.modules() if hasattr(m, "ssmlora_chain")}
+    assert {(c.chain.rsplit(".", 1)[-1], c.position, c.length) for c in chains} == {
+        ("query", 0, 2), ("query", 1, 2), ("value", 0, 2), ("value", 1, 2)}
+
+
+def test_three_interval_modules_use_period_three():
+    model = get_peft_model(tiny_bert(layers=6), SSMLoRAConfig(r=4, target_modules=["query", "key", "value"],
+                                                             interval_modules=["query", "key", "value"]))
+    adapted = {n.split("encoder.layer.")[1] for n, m in model.named_modules() if hasattr(m, "ssmlora_chain")}
+    assert adapted == {"0.attention.self.query", "1.attention.self.key", "2.attention.self.value",
+                       "3.attention.self.query", "4.attention.self.key", "5.attention.self.value"}
+
+
+def test_scaling_modes():
+    assert SSMLoRAConfig(r=8, lora_alpha=16).scaling == 2.0
+    assert SSMLoRAConfig(r=8, lora_alpha=16, scale_by_rank=False).scaling == 16.0
+
+
+# ---------------------------------------------------------------- clear errors
+
+
+def test_rank_below_one_is_refused():
+    with pytest.raises(ValueError, match="`r` must be an integer >= 1"):
+        SSMLoRAConfig(r=0)
+
+
+def test_unknown_target_module_names_the_available_layers():
+    with pytest.raises(ValueError, match=r"\['vlaue'\] match no module.*'query'.*Fix `target_modules`"):
+        get_peft_model(tiny_bert(), SSMLoRAConfig(target_modules=["query", "vlaue"]))
+
+
+def test_interval_module_outside_targets_is_refused():
+    with pytest.raises(ValueError, match=r"`interval_modules` \['key'\] are not among the targets"):
+        get_peft_model(tiny_bert(), SSMLoRAConfig(target_modules=["query", "value"], interval_modules=["key"]))
+
+
+def test_layers_pattern_matching_no_layer_is_refused():
+    with pytest.raises(ValueError, match=r"`layers_pattern` 'blocks' matches no layer.*encoder.layer"):
+        get_peft_model(tiny_bert(), SSMLoRAConfig(target_modules=["query"], layers_pattern="blocks",
+                                                  layers_to_transform=[0]))
+
+
+def test_unknown_model_type_without_targets_is_refused():
+    with pytest.raises(ValueError, match="no default target modules.*pass `target_modules`"):
+        get_peft_model(torch.nn.Sequential(torch.nn.Linear(3, 3)), SSMLoRAConfig())
+
+
+def test_layers_to_transform_restricts_placement():
+    model = get_peft_model(tiny_gpt2(layers=4), SSMLoRAConfig(r=2, target_modules=["c_attn"], layers_to_transform=[1, 3]))
+    adapted = sorted(n for n, m in model.named_modules() if hasattr(m, "ssmlora_chain"))
+    assert [n.split(".h.")[1] for n in adapted] == ["1.attn.c_attn", "3.attn.c_attn"]
