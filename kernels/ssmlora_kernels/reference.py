@@ -50,18 +50,21 @@ def ssmlora_step_reference(
         detach_state (`bool`): `True` (the paper): the incoming state carries values but no gradient.
 
     Returns:
-        `(out, new_state)`: `out = base_out + scaling · v B` in `base_out`'s dtype, and the float32 state `n`.
+        `(out, new_state)`: `out = base_out + scaling · v B` in `base_out`'s dtype, and the state `n` in float32
+        (float64 for float64 inputs).
     """
     u = F.linear(x.to(A_w.dtype), A_w)
-    # The state path must stay float32 even under an enclosing autocast region.
+    # The state path runs in at least float32 (float64 for float64 inputs, so that `torch.autograd.gradcheck` can
+    # check this function), and must stay there even under an enclosing autocast region.
+    sdt = torch.promote_types(u.dtype, torch.float32)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        u32 = u.float()
+        u32 = u.to(sdt)
         # A zero state still goes through C, so that C receives a (zero) gradient at a chain start: DDP requires
         # every trainable parameter to take part in the loss.
-        s = u32.new_zeros(u32.shape) if state is None else state.float()
+        s = u32.new_zeros(u32.shape) if state is None else state.to(sdt)
         if detach_state:
             s = s.detach()
-        z = s + F.linear(s, C_w.float()) + F.linear(u32, D_w.float())
+        z = s + F.linear(s, C_w.to(sdt)) + F.linear(u32, D_w.to(sdt))
         lo = z.gather(-1, z.argmin(dim=-1, keepdim=True))
         hi = z.gather(-1, z.argmax(dim=-1, keepdim=True))
         n = (z - lo) / (hi - lo + eps)
