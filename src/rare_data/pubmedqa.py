@@ -1,0 +1,119 @@
+"""PubMedQA (PQA-L, 1000 expert-labelled questions) as RARE examples and a passage corpus.
+
+The official split: the 500 questions of ``test_ground_truth.json`` are the test set, the other 500 the
+train/dev pool. Every abstract passage of the 1000 questions (3358 of them) forms the retrieval corpus, with
+ids ``"<pmid>_<i>"``; the passages of a question's own abstract are its gold passages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PubMedQA", "load_pubmedqa", "pubmedqa_response"]
+
+HUB_ID = "qiaojin/PubMedQA"
+HUB_CONFIG = "pqa_labeled"
+
+
+def pubmedqa_response(long_answer: str, decision: str) -> str:
+    """The response to learn: the abstract's conclusion as rationale, then the answer tag."""
+    return f"{long_answer.strip()}\n<answer>{decision}</answer>"
+
+
+@dataclass
+class PubMedQA:
+    """PubMedQA examples and corpus.
+
+    Attributes:
+        train: ``datasets.Dataset`` of the 500 train/dev-pool examples.
+        test: ``datasets.Dataset`` of the 500 official test examples (empty when the split is unknown).
+        passages: Corpus passage texts.
+        passage_ids: Corpus passage ids (``"<pmid>_<i>"``), aligned with ``passages``.
+    """
+
+    train: Any
+    test: Any
+    passages: list[str]
+    passage_ids: list[str]
+
+
+def _records_from_local(data_dir: Path) -> tuple[list[dict[str, Any]], set[str] | None]:
+    pqal = data_dir / "ori_pqal.json"
+    truth = data_dir / "test_ground_truth.json"
+    for f in (pqal, truth):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: data_dir must hold ori_pqal.json and test_ground_truth.json from "
+                                    "github.com/pubmedqa/pubmedqa (data/), or pass data_dir=None to use the Hub")
+    raw = json.loads(pqal.read_text(encoding="utf-8"))
+    test_ids = set(json.loads(truth.read_text(encoding="utf-8")))
+    records = [{"pmid": str(pmid), "question": r["QUESTION"], "contexts": list(r["CONTEXTS"]),
+                "long_answer": r["LONG_ANSWER"], "final_decision": r["final_decision"]} for pmid, r in raw.items()]
+    return records, test_ids
+
+
+def _records_from_hub(test_ids_file: str | os.PathLike | None) -> tuple[list[dict[str, Any]], set[str] | None]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(HUB_ID, HUB_CONFIG, split="train")
+    except Exception as err:  # offline, no cache, hub outage: the fix is the same
+        raise RuntimeError(f"could not load {HUB_ID} ({HUB_CONFIG}) from the Hugging Face Hub ({type(err).__name__}: "
+                           f"{err}); without network access pass data_dir= a folder holding ori_pqal.json and "
+                           "test_ground_truth.json") from err
+    records = [{"pmid": str(r["pubid"]), "question": r["question"], "contexts": list(r["context"]["contexts"]),
+                "long_answer": r["long_answer"], "final_decision": r["final_decision"]} for r in ds]
+    test_ids = None
+    if test_ids_file is not None:
+        test_ids = set(json.loads(Path(test_ids_file).read_text(encoding="utf-8")))
+    return records, test_ids
+
+
+def load_pubmedqa(data_dir: str | os.PathLike | None = None, *, test_ids_file: str | os.PathLike | None = None
+                  ) -> PubMedQA:
+    """Load PubMedQA PQA-L as RARE examples plus the passage corpus.
+
+    Args:
+        data_dir: Local folder with ``ori_pqal.json`` and ``test_ground_truth.json``. ``None`` loads
+            ``qiaojin/PubMedQA`` (``pqa_labeled``) from the Hub.
+        test_ids_file: With the Hub, the official ``test_ground_truth.json`` that defines the test split (the Hub
+            copy has a single split); without it every question goes to ``train`` and ``test`` is empty.
+
+    Returns:
+        A :class:`PubMedQA`. Each example has ``id`` (the PubMed id), ``question``, ``response`` (the long answer
+        then ``<answer>yes|no|maybe</answer>``), ``answer``, ``gold_passage_ids`` and ``long_answer``.
+    """
+    import datasets
+
+    if data_dir is not None:
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise FileNotFoundError(f"PubMedQA data_dir {data_dir} does not exist: pass the folder holding "
+                                    "ori_pqal.json and test_ground_truth.json, or data_dir=None for the Hub")
+        records, test_ids = _records_from_local(data_dir)
+    else:
+        records, test_ids = _records_from_hub(test_ids_file)
+
+    passages, passage_ids = [], []
+    train, test = [], []
+    for r in records:
+        gold = [f"{r['pmid']}_{i}" for i in range(len(r["contexts"]))]
+        passages.extend(r["contexts"])
+        passage_ids.extend(gold)
+        example = {"id": r["pmid"], "question": r["question"],
+                   "response": pubmedqa_response(r["long_answer"], r["final_decision"]),
+                   "answer": r["final_decision"], "gold_passage_ids": gold, "long_answer": r["long_answer"]}
+        (test if test_ids is not None and r["pmid"] in test_ids else train).append(example)
+    if test_ids is not None and len(test) != len(test_ids):
+        raise ValueError(f"{len(test_ids) - len(test)} test ids are not among the PubMedQA questions: the ground-truth "
+                         "file does not match the question file")
+    features = datasets.Features({"id": datasets.Value("string"), "question": datasets.Value("string"),
+                                  "response": datasets.Value("string"), "answer": datasets.Value("string"),
+                                  "gold_passage_ids": datasets.Sequence(datasets.Value("string")),
+                                  "long_answer": datasets.Value("string")})
+    return PubMedQA(train=datasets.Dataset.from_list(train, features=features),
+                    test=datasets.Dataset.from_list(test, features=features),
+                    passages=passages, passage_ids=passage_ids)
