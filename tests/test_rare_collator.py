@@ -1,0 +1,257 @@
+"""RAREDataCollator: label masks from segments, truncation policy, RAFT sampling, output format."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from test_rare_fixtures import (
+    BOS,
+    EOS,
+    EOT,
+    LLAMA3_TEMPLATE,
+    make_tokenizer,
+    random_examples,
+    random_text,
+    smollm2_tokenizer,
+)
+
+from rare_data import ExampleTooLongError, PromptTemplate, RAREDataCollator, RetrievedPassage
+
+
+def _labelled(batch, row):
+    labels = batch["labels"][row]
+    return labels[labels != -100].tolist()
+
+
+def _check_masks(tokenizer, collator, examples, eot_text, prefix=""):
+    """Decoded labelled tokens == response + end-of-turn, contiguous at the end of the real tokens."""
+    batch = collator(examples)
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    for row, ex in enumerate(examples):
+        labels, ids, mask = batch["labels"][row], batch["input_ids"][row], batch["attention_mask"][row]
+        positions = (labels != -100).nonzero().flatten()
+        real = mask.nonzero().flatten()
+        # the labelled span is contiguous and ends on the last real token
+        assert positions.tolist() == list(range(positions[0].item(), positions[-1].item() + 1))
+        assert positions[-1].item() == real[-1].item()
+        assert torch.equal(ids[positions], labels[positions])
+        assert tokenizer.decode(_labelled(batch, row)) == ex["response"] + eot_text
+        # the unlabelled real tokens are exactly the rendered prompt
+        prompt = ids[real[0]:positions[0]].tolist()
+        enc = collator.encode(ex)
+        shown = [RetrievedPassage(p["id"], p["text"]) for p in ex["passages"] if p["id"] in enc.passage_ids]
+        assert tokenizer.decode(prompt) == prefix + collator.prompt_text(collator.template.format_question(ex), shown)
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat-template", "plain-layout"])
+def test_masks_cover_exactly_response_and_end_of_turn(chat):
+    tokenizer = make_tokenizer(chat=chat, bos_in_postprocessor=not chat)
+    collator = RAREDataCollator(tokenizer, k=3, max_length=4096)
+    examples = random_examples(64, seed=1)
+    for start in range(0, len(examples), 8):
+        # the plain layout gets the tokenizer's own BOS once; the chat template writes its BOS into the text
+        _check_masks(tokenizer, collator, examples[start:start + 8], EOT if chat else EOS, "" if chat else BOS)
+
+
+def test_masks_with_smollm2_tokenizer_where_pad_is_the_end_of_turn():
+    tokenizer = smollm2_tokenizer()
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the dangerous default this guards against
+    collator = RAREDataCollator(tokenizer, k=3, max_length=4096, template="yes_no_maybe")
+    examples = random_examples(24, seed=2)
+    for start in range(0, len(examples), 8):
+        _check_masks(tokenizer, collator, examples[start:start + 8], "<|im_end|>")
+    # the end-of-turn token is labelled even though padding uses the same id
+    batch = collator(examples[:8])
+    for row in range(8):
+        assert _labelled(batch, row)[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_pad_equal_to_eos_keeps_eos_in_the_loss():
+    tokenizer = make_tokenizer(pad_is_eos=True)
+    eot = tokenizer.convert_tokens_to_ids(EOT)
+    batch = RAREDataCollator(tokenizer)(random_examples(6, seed=3))
+    for row in range(6):
+        assert _labelled(batch, row)[-1] == eot
+        pads = batch["attention_mask"][row] == 0
+        assert (batch["labels"][row][pads] == -100).all()
+
+
+def test_no_doubled_bos():
+    # The chat template writes the BOS and the tokenizer would add another with add_special_tokens=True.
+    tokenizer = make_tokenizer(bos_in_postprocessor=True)
+    bos = tokenizer.convert_tokens_to_ids(BOS)
+    batch = RAREDataCollator(tokenizer)(random_examples(4))
+    assert (batch["input_ids"][:, 0] == bos).all() and (batch["input_ids"][:, 1] != bos).all()
+    # plain layout: exactly one BOS from the tokenizer's own special tokens
+    plain = make_tokenizer(chat=False, bos_in_postprocessor=True)
+    batch = RAREDataCollator(plain)(random_examples(4))
+    assert (batch["input_ids"][:, 0] == bos).all() and (batch["input_ids"][:, 1] != bos).all()
+    # a template that writes the BOS twice is refused
+    double = make_tokenizer(template="{{ bos_token }}" + LLAMA3_TEMPLATE)
+    with pytest.raises(ValueError, match="doubled BOS"):
+        RAREDataCollator(double)(random_examples(1))
+
+
+def test_template_whose_prompt_is_not_a_prefix_is_refused():
+    # The generation prompt says "assistant" but the rendered answer turn says "bot": masks would be wrong.
+    broken = LLAMA3_TEMPLATE.replace("{{ m['role'] }}", "{{ 'bot' if m['role'] == 'assistant' else m['role'] }}")
+    with pytest.raises(ValueError, match="prefix"):
+        RAREDataCollator(make_tokenizer(template=broken))
+
+
+def test_truncation_keeps_question_and_response_and_drops_lowest_ranked_passages_first():
+    tokenizer = make_tokenizer()
+    rng = random.Random(5)
+    example = {"id": "long", "question": random_text(rng, 20, 20) + "?", "response": random_text(rng, 30, 30),
+               "passages": [{"id": f"p{j}", "text": random_text(rng, 40, 40)} for j in range(4)]}
+    full = RAREDataCollator(tokenizer, k=4, max_length=100_000).encode(example)
+    bare = RAREDataCollator(tokenizer, k=0, max_length=100_000).encode(example)
+    question_ids = tokenizer(example["question"], add_special_tokens=False)["input_ids"]
+    seen_counts = set()
+    previous = 4
+    for max_length in range(len(full.input_ids), len(bare.input_ids) - 1, -7):
+        collator = RAREDataCollator(tokenizer, k=4, max_length=max_length, max_passage_tokens=None)
+        enc = collator.encode(example)
+        assert len(enc.input_ids) <= max_length
+        n = len(enc.passage_ids)
+        assert enc.passage_ids == [f"p{j}" for j in range(n)]  # always the best-ranked ones
+        assert n <= previous
+        previous = n
+        seen_counts.add(n)
+        assert tokenizer.decode([t for t in enc.labels if t != -100]) == example["response"] + EOT
+        prompt = tokenizer.decode(enc.input_ids[: enc.prompt_length])
+        assert example["question"] in prompt
+        # the question tokens appear whole and contiguous
+        ids = enc.input_ids[: enc.prompt_length]
+        assert any(ids[i:i + len(question_ids)] == question_ids for i in range(len(ids)))
+    assert seen_counts == {0, 1, 2, 3, 4}
+    # one token short of the bare example: nothing can be cut any more
+    too_small = len(bare.input_ids) - 1
+    with pytest.raises(ExampleTooLongError, match="max_length"):
+        RAREDataCollator(tokenizer, k=4, max_length=too_small).encode(example)
+
+
+def test_overflow_drop_counts_and_warns():
+    tokenizer = make_tokenizer()
+    examples = random_examples(4, seed=6)
+    examples[1] = dict(examples[1], response=" ".join(["therapy"] * 400))
+    collator = RAREDataCollator(tokenizer, max_length=200, on_overflow="drop")
+    with pytest.warns(UserWarning, match="dropped"):
+        batch = collator(examples)
+    assert batch["input_ids"].shape[0] == 3 and collator.num_dropped == 1
+    assert not collator.fits(examples[1]) and collator.fits(examples[0])
+    with pytest.raises(ExampleTooLongError, match="every example"), pytest.warns(UserWarning):
+        collator([examples[1]])
+
+
+def test_passages_are_capped_to_max_passage_tokens():
+    tokenizer = make_tokenizer()
+    rng = random.Random(7)
+    text = random_text(rng, 200, 200)
+    example = {"question": "q?", "response": "yes", "passages": [text]}
+    collator = RAREDataCollator(tokenizer, k=1, max_passage_tokens=10)
+    enc = collator.encode(example)
+    capped = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:10])
+    prompt = tokenizer.decode(enc.input_ids[: enc.prompt_length])
+    assert capped in prompt and text not in prompt
+
+
+def test_padding_free_matches_padded_rows():
+    tokenizer = make_tokenizer()
+    examples = random_examples(5, seed=8)
+    padded = RAREDataCollator(tokenizer)(examples)
+    flat = RAREDataCollator(tokenizer, padding_free=True)(examples)
+    assert set(flat) == {"input_ids", "labels", "position_ids"}
+    mask = padded["attention_mask"].bool()
+    assert torch.equal(flat["input_ids"][0], padded["input_ids"][mask])
+    assert torch.equal(flat["labels"][0], padded["labels"][mask])
+    lengths = mask.sum(1).tolist()
+    assert flat["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    # the first token of every packed example is unlabelled, so no loss crosses an example boundary
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    assert (flat["labels"][0][starts] == -100).all()
+
+
+def test_left_padding_and_pad_to_multiple():
+    tokenizer = make_tokenizer()
+    tokenizer.padding_side = "left"
+    batch = RAREDataCollator(tokenizer, pad_to_multiple_of=64)(random_examples(3, seed=9))
+    assert batch["input_ids"].shape[1] % 64 == 0
+    assert (batch["attention_mask"][:, -1] == 1).all()
+    assert (batch["labels"][:, -1] != -100).all()
+
+
+def test_raft_sampling_is_a_function_of_seed_example_and_epoch():
+    tokenizer = make_tokenizer()
+    examples = random_examples(40, seed=10, n_passages=6)
+    for ex in examples:
+        ex["gold_passage_ids"] = [ex["passages"][2]["id"]]
+
+    def shown(collator, batch):
+        return [collator.encode(ex).passage_ids for ex in batch]
+
+    opts = {"k": 3, "num_distractors": 2, "p_keep_gold": 0.5, "shuffle_passages": True, "max_length": 4096}
+    a = RAREDataCollator(tokenizer, seed=1, **opts)
+    b = RAREDataCollator(tokenizer, seed=1, **opts)
+    # the same example gives the same passages whatever batch (or worker) it lands in
+    assert shown(a, examples) == shown(b, list(reversed(examples)))[::-1]
+    first = shown(a, examples)
+    kept = [ex["gold_passage_ids"][0] in ids for ex, ids in zip(examples, first)]
+    assert 0 < sum(kept) < len(kept)  # p_keep_gold=0.5 keeps some and drops some
+    assert all(len(ids) == 2 + k for ids, k in zip(first, kept))
+    a.set_epoch(1)
+    assert shown(a, examples) != first  # a new epoch draws new distractors
+    assert shown(RAREDataCollator(tokenizer, seed=2, **opts), examples) != first
+    always = RAREDataCollator(tokenizer, **dict(opts, p_keep_gold=1.0))
+    assert all(ex["gold_passage_ids"][0] in ids for ex, ids in zip(examples, shown(always, examples)))
+    never = RAREDataCollator(tokenizer, **dict(opts, p_keep_gold=0.0))
+    assert not any(ex["gold_passage_ids"][0] in ids for ex, ids in zip(examples, shown(never, examples)))
+
+
+def test_evaluation_settings_choose_passages():
+    tokenizer = make_tokenizer()
+    ex = random_examples(1, seed=11, n_passages=5)[0]
+    ex["gold_passage_ids"] = ["ex0_p3"]
+    assert RAREDataCollator(tokenizer, setting="closed_book").encode(ex).passage_ids == []
+    assert RAREDataCollator(tokenizer, setting="oracle").encode(ex).passage_ids == ["ex0_p3"]
+    assert RAREDataCollator(tokenizer, setting="distractors", k=3).encode(ex).passage_ids == ["ex0_p0", "ex0_p1",
+                                                                                              "ex0_p2"]
+    assert RAREDataCollator(tokenizer, k=2).encode(ex).passage_ids == ["ex0_p0", "ex0_p1"]
+
+
+def test_templates_render_rare_layout_and_user_templates():
+    tokenizer = make_tokenizer(chat=False)
+    ex = {"question": "Which drug?", "options": {"A": "aspirin", "B": "insulin"}, "response": "A",
+          "passages": ["Aspirin lowers risk."]}
+    text = tokenizer.decode(RAREDataCollator(tokenizer, template="medical_mcq").encode(ex).input_ids)
+    assert "# Retrieved Documents\nAspirin lowers risk.\n\n# Question\nWhich drug?\nA. aspirin\nB. insulin" in text
+    assert "# Statement" in tokenizer.decode(RAREDataCollator(tokenizer, template="fact_check").encode(ex).input_ids)
+    custom = PromptTemplate(instruction="Use the context.", passages_header="Context:", question_header="Q:",
+                            passage_format="[{index}] {text}")
+    assert "Context:\n[1] Aspirin lowers risk.\n\nQ:\n" in tokenizer.decode(
+        RAREDataCollator(tokenizer, template=custom).encode(ex).input_ids)
+
+    def fn(question, passages):
+        return f"DOCS={len(passages)} Q={question}"
+
+    assert "DOCS=1 Q=Which drug?" in tokenizer.decode(RAREDataCollator(tokenizer, template=fn).encode(ex).input_ids)
+
+
+def test_bad_options_and_inputs_raise_clear_errors():
+    tokenizer = make_tokenizer()
+    for kwargs, match in [({"on_overflow": "cut"}, "on_overflow"), ({"p_keep_gold": 1.5}, "p_keep_gold"),
+                          ({"k": -1}, "k must"), ({"template": "nope"}, "unknown template"),
+                          ({"setting": "open"}, "setting")]:
+        with pytest.raises(ValueError, match=match):
+            RAREDataCollator(tokenizer, **kwargs)
+    with pytest.raises(ValueError, match="use_chat_template=True"):
+        RAREDataCollator(make_tokenizer(chat=False), use_chat_template=True)
+    collator = RAREDataCollator(tokenizer)
+    with pytest.raises(ValueError, match="no retriever"):
+        collator([{"question": "q", "response": "r"}])
+    with pytest.raises(ValueError, match="gold_passage_ids"):
+        RAREDataCollator(tokenizer, num_distractors=1)([{"question": "q", "response": "r", "passages": ["a"]}])
+    with pytest.raises(KeyError, match="response"):
+        collator([{"question": "q", "passages": ["a"]}])
