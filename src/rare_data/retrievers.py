@@ -168,6 +168,9 @@ class BM25Retriever(_CorpusLookup):
                     "token_pattern": token_pattern}
         tokens = bm25s.tokenize(texts, lower=lower, stopwords=stopwords, token_pattern=token_pattern,
                                 show_progress=False)
+        if not tokens.vocab:
+            raise ValueError(f"no passage contains a single token under token_pattern={token_pattern!r} and "
+                             f"stopwords={stopwords!r}: check the passages or relax these settings")
         bm25 = bm25s.BM25(k1=k1, b=b, method=method)
         bm25.index(tokens, show_progress=False)
         fingerprint = _sha256("bm25", json.dumps(settings, sort_keys=True), str_ids, texts)
