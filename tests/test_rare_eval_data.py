@@ -1,0 +1,74 @@
+"""PubMedQA loader and evaluation helpers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rare_data import accuracy, extract_answer, hit_rate_at_k, load_pubmedqa, recall_at_k, validity_rate
+
+
+def test_load_pubmedqa_local_official_split(shared_data):
+    folder = shared_data / "pubmedqa"
+    data = load_pubmedqa(folder)
+    truth = json.loads((folder / "test_ground_truth.json").read_text())
+    assert len(data.train) == 500 and len(data.test) == 500
+    assert set(data.test["id"]) == set(truth)
+    assert dict(zip(data.test["id"], data.test["answer"])) == truth
+    assert len(data.passages) == len(data.passage_ids) == len(set(data.passage_ids)) == 3358
+    raw = json.loads((folder / "ori_pqal.json").read_text())
+    ex = data.train[0]
+    record = raw[ex["id"]]
+    assert ex["question"] == record["QUESTION"]
+    assert ex["response"] == f"{record['LONG_ANSWER'].strip()}\n<answer>{record['final_decision']}</answer>"
+    assert ex["gold_passage_ids"] == [f"{ex['id']}_{i}" for i in range(len(record["CONTEXTS"]))]
+    lookup = dict(zip(data.passage_ids, data.passages))
+    assert [lookup[g] for g in ex["gold_passage_ids"]] == record["CONTEXTS"]
+    assert extract_answer(ex["response"], ["yes", "no", "maybe"]) == ex["answer"]
+
+
+def test_load_pubmedqa_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pubmedqa(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="ori_pqal.json"):
+        load_pubmedqa(tmp_path)
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(RuntimeError, match="data_dir="):
+        load_pubmedqa()
+
+
+@pytest.mark.parametrize("text, choices, expected", [
+    ("<think>because</think>\n<answer>yes</answer>", ["yes", "no", "maybe"], "yes"),
+    ("<answer> No </answer>", ["yes", "no", "maybe"], "no"),
+    ("<answer>yes</answer> wait, <answer>maybe</answer>", ["yes", "no", "maybe"], "maybe"),  # the last tag wins
+    ("reasoning... <answer>B. insulin</answer>", list("abcde"), "b"),
+    ("Therefore the answer is (C).", list("abcde"), "c"),
+    ("Answer: no", ["yes", "no", "maybe"], "no"),
+    ("reasoning <answer>maybe", ["yes", "no", "maybe"], "maybe"),  # unclosed tag at the end
+    ("yes", ["yes", "no", "maybe"], "yes"),  # a bare choice
+    ("<answer>perhaps</answer>", ["yes", "no", "maybe"], None),  # outside the choices: invalid
+    ("I do not know.", ["yes", "no", "maybe"], None),
+    ("<answer>42 mg</answer>", None, "42 mg"),
+])
+def test_extract_answer(text, choices, expected):
+    assert extract_answer(text, choices) == expected
+
+
+def test_validity_accuracy_and_recall():
+    answers = ["yes", None, "no", "maybe"]
+    assert validity_rate(answers) == 0.75
+    assert accuracy(answers, ["yes", "yes", "yes", "Maybe"]) == 0.5
+    with pytest.raises(ValueError, match="references"):
+        accuracy(answers, ["yes"])
+    retrieved = [["a", "b", "c"], ["x", "y", "z"], ["q"]]
+    gold = [["b", "d"], ["z"], []]  # the last query has no gold passages and is skipped
+    assert recall_at_k(retrieved, gold, k=2) == pytest.approx((0.5 + 0.0) / 2)
+    assert recall_at_k(retrieved, gold, k=3) == pytest.approx((0.5 + 1.0) / 2)
+    assert hit_rate_at_k(retrieved, gold, k=2) == 0.5
+    assert hit_rate_at_k(retrieved, gold, k=1) == 0.0
