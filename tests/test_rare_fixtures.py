@@ -25,15 +25,16 @@ LLAMA3_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 
-WORDS = ("the patient dose trial aspirin insulin risk cohort outcome mortality therapy randomized placebo "
+_WORD_TEXT = ("the patient dose trial aspirin insulin risk cohort outcome mortality therapy randomized placebo "
          "significant increase decrease study results suggest women children HMO screening blood pressure "
-         "cancer tumour cells gene expression was were is not no yes maybe because therefore however").split()
+         "cancer tumour cells gene expression was were is not no yes maybe because therefore however")
+WORDS = _WORD_TEXT.split()
 ODD = ["é", "—", "µg", "≥", "🙂", "1.5", "42%", "(p<0.05)", "\n", "  ", "<answer>", "</answer>", "Q:", "A."]
 TRAIN_TEXT = [" ".join(WORDS), " ".join(ODD), "# Retrieved Documents # Question # Response",
               "Answer the question using the retrieved documents. Reason step by step inside <think></think>"] * 20
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bpe() -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

