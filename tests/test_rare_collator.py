@@ -219,6 +219,13 @@ def test_evaluation_settings_choose_passages():
     assert RAREDataCollator(tokenizer, setting="distractors", k=3).encode(ex).passage_ids == ["ex0_p0", "ex0_p1",
                                                                                               "ex0_p2"]
     assert RAREDataCollator(tokenizer, k=2).encode(ex).passage_ids == ["ex0_p0", "ex0_p1"]
+    # prompts for generation: the training prompt without the completion, room kept for the answer
+    collator = RAREDataCollator(tokenizer, k=2)
+    train = collator.encode(ex)
+    prompt = collator.encode_prompt({key: value for key, value in ex.items() if key != "response"})
+    assert prompt.input_ids == train.input_ids[: train.prompt_length] and set(prompt.labels) == {-100}
+    budget = len(prompt.input_ids) + 10
+    assert len(RAREDataCollator(tokenizer, k=2, max_length=budget).encode_prompt(ex, 20).passage_ids) < 2
 
 
 def test_templates_render_rare_layout_and_user_templates():

@@ -350,34 +350,52 @@ class RAREDataCollator:
                 for p, ids in zip(passages, encoded)]
 
     # ---- encoding --------------------------------------------------------------------------------------------
+    @staticmethod
+    def _key(example: Mapping[str, Any]) -> Any:
+        """The identity that seeds an example's randomness: its ``id``, else its question."""
+        return example["id"] if example.get("id") is not None else example.get("question")
+
     def encode(self, example: Mapping[str, Any], candidates: list[RetrievedPassage] | None = None
                ) -> EncodedExample | None:
         """Tokenise one example; ``None`` when it is dropped (``on_overflow="drop"``)."""
-        if candidates is None:
-            candidates = self._candidates([example])[0]
         if "response" not in example:
             raise KeyError(f"example has no 'response' field (fields: {sorted(example)})")
-        key = example.get("id", example.get("question"))
+        completion = self._ids(str(example["response"])) + self._eot_ids
+        return self._encode(example, candidates, completion, len(completion))
+
+    def encode_prompt(self, example: Mapping[str, Any], max_new_tokens: int = 256) -> EncodedExample | None:
+        """Tokenise the prompt alone, for generation at evaluation time.
+
+        Passages are selected and dropped exactly as in training, keeping ``max_new_tokens`` of ``max_length``
+        free for the answer. ``labels`` is all -100. Combine with ``setting=`` for the closed-book, oracle and
+        distractor-only evaluations.
+        """
+        return self._encode(example, None, [], max_new_tokens)
+
+    def _encode(self, example, candidates, completion: list[int], reserve: int) -> EncodedExample | None:
+        if candidates is None:
+            candidates = self._candidates([example])[0]
+        key = self._key(example)
         question = self.template.format_question(example)
         ranked, display = self._select(example, candidates, key)
         ranked = self._cap(ranked)
-        completion = self._ids(str(example["response"])) + self._eot_ids
         # Keep the n best-ranked passages, n as large as fits; show them in display order.
         for n in range(len(ranked), -1, -1):
             shown = [ranked[j] for j in display if j < n]
             prompt = self._prompt_ids(question, shown)
-            if len(prompt) + len(completion) <= self.max_length:
-                self._check_once(question, shown, str(example["response"]), prompt, completion)
+            if len(prompt) + reserve <= self.max_length:
+                if completion:
+                    self._check_once(question, shown, str(example["response"]), prompt, completion)
                 return EncodedExample(prompt + completion, [-100] * len(prompt) + completion, len(prompt),
                                       [p.id for p in shown])
-        needed = len(self._prompt_ids(question, [])) + len(completion)
-        message = (f"example {key!r} needs {needed} tokens without any passage (question + response + template) but "
-                   f"max_length={self.max_length}")
+        needed = len(self._prompt_ids(question, [])) + reserve
+        message = (f"example {key!r} needs {needed} tokens without any passage (question + response or generation "
+                   f"budget + template) but max_length={self.max_length}")
         if self.on_overflow == "error":
             raise ExampleTooLongError(f"{message}: raise max_length, filter long examples out (see "
                                       "RAREDataCollator.fits) or pass on_overflow='drop'")
         self.num_dropped += 1
-        warnings.warn(f"{message}; dropped ({self.num_dropped} dropped so far by this process)", stacklevel=2)
+        warnings.warn(f"{message}; dropped ({self.num_dropped} dropped so far by this process)", stacklevel=3)
         return None
 
     def fits(self, example: Mapping[str, Any]) -> bool:
