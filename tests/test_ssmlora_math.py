@@ -112,7 +112,7 @@ def test_module_matches_float64_implementation(monkeypatch, state_grad, dropout,
     for (name, p), g in zip(params.items(), expected_grads[1:]):
         g = torch.zeros_like(p, dtype=torch.float64) if g is None else g
         assert p.grad is not None, f"{name} got no gradient"
-        torch.testing.assert_close(p.grad.double(), g.double(), rtol=1e-4, atol=1e-5, msg=lambda m: f"gradient of {name}: {m}")
+        torch.testing.assert_close(p.grad.double(), g.double(), rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"gradient of {name}: {m}")
 
 
 def test_full_mode_gradient_flows_along_the_chain_and_detach_blocks_it():

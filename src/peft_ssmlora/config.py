@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
@@ -81,29 +81,29 @@ class SSMLoRAConfig(PeftConfig):
         default=True,
         metadata={"help": "True: scaling = lora_alpha / r (peft LoRA); False: raw lora_alpha (reference code)."},
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Module names (exact or dot-suffix), a regex, or 'all-linear'. None: the model family's "
             "default, the paper's query/value interval scheme."
         },
     )
-    interval_modules: Optional[list[str]] = field(
+    interval_modules: list[str] | None = field(
         default=None,
         metadata={
             "help": "Targets adapted in staggered layers: the k-th is adapted in layers i with i % max(2, len) == k."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or a regex of modules never adapted."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Only adapt these layer indices."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the nn.ModuleList holding the layers, e.g. 'layers' or 'h'."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules trained and saved in full, e.g. a classifier head."}
     )
     bias: Literal["none", "all", "ssmlora_only"] = field(
@@ -116,7 +116,7 @@ class SSMLoRAConfig(PeftConfig):
         default="detach",
         metadata={"help": "'detach' (paper): no gradient along the chain; 'full': backpropagate through it."},
     )
-    init_weights: Union[bool, Literal["gaussian", "kaiming"]] = field(
+    init_weights: bool | Literal["gaussian", "kaiming"] = field(
         default=True,
         metadata={"help": "True/'gaussian': A ~ N(0, 1/r); 'kaiming': peft LoRA's A; B = C = D = 0. False: random."},
     )

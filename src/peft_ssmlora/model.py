@@ -160,10 +160,10 @@ class SSMLoRAModel(BaseTuner):
     def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(MERGE_REFUSED)
 
-    def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any) -> nn.Module:
         if merge:
             raise NotImplementedError(MERGE_REFUSED)
-        model = super()._unload_and_optionally_merge(merge=False, *args, **kwargs)
+        model = super()._unload_and_optionally_merge(merge=False, **kwargs)
         self._remove_forward_hook()
         return model
 
