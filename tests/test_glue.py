@@ -1,0 +1,219 @@
+"""Tests of the GLUE runner `benchmarks/glue.py`: reading GLUE's TSV formats, scoring, and a few training steps of
+each task family (single sentence, sentence pair, regression, 3-class with two dev sets) on a tiny BERT built from a
+config in a temporary folder, so nothing comes from the Hub."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import glue  # noqa: E402
+import glue_tasks  # noqa: E402
+
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "fast", "slow", "is", "was", "good", "bad", "movie", "plot", "not", "very"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fixtures: a tiny BERT and a tiny GLUE folder, both written to tmp
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 4-layer BERT (hidden 32) with a word-level vocabulary: saved to disk, loadable by `from_pretrained`."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    BertTokenizer(vocab=vocab).save_pretrained(folder)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=64)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def _sentence(rng) -> str:
+    return " ".join(rng.choice(WORDS, size=rng.integers(3, 9)))
+
+
+def _write(path: Path, rows: list[list], header: list[str] | None, bom: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = (["\t".join(header)] if header else []) + ["\t".join(str(c) for c in r) for r in rows]
+    path.write_text(("\ufeff" if bom else "") + "\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory) -> Path:
+    """Tiny train/dev TSVs in GLUE's own folder names and column layouts (incl. CoLA without header, MRPC's BOM,
+    a quote character in the text, and an MNLI row without a gold label)."""
+    root = tmp_path_factory.mktemp("glue")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("dev", 10)):
+        _write(root / "CoLA" / f"{split}.tsv",
+               [["gj04", i % 2, "*" if i % 2 == 0 else "", _sentence(rng)] for i in range(n)], None)
+        _write(root / "SST-2" / f"{split}.tsv", [[_sentence(rng) + ' "', i % 2] for i in range(n)],
+               ["sentence", "label"])
+        _write(root / "MRPC" / f"{split}.tsv", [[i % 2, 100 + i, 200 + i, _sentence(rng), _sentence(rng)]
+                                                for i in range(n)],
+               ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"], bom=True)
+        _write(root / "STS-B" / f"{split}.tsv",
+               [[i, "main-news", "f", "2012", i, "none", "none", _sentence(rng), _sentence(rng), f"{(i * 0.37) % 5:.3f}"]
+                for i in range(n)],
+               ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2",
+                "score"])
+        _write(root / "RTE" / f"{split}.tsv",
+               [[i, _sentence(rng), _sentence(rng), ["entailment", "not_entailment"][i % 2]] for i in range(n)],
+               ["index", "sentence1", "sentence2", "label"])
+    gold = ["entailment", "neutral", "contradiction"]
+    mnli_header = ["index", "promptID", "pairID", "genre", "sentence1", "sentence2", "label1", "gold_label"]
+    _write(root / "MNLI" / "train.tsv", [[i, i, i, "fiction", _sentence(rng), _sentence(rng), gold[i % 3],
+                                          gold[i % 3]] for i in range(24)], mnli_header)
+    for dev in ("dev_matched", "dev_mismatched"):
+        rows = [[i, i, i, "fiction", _sentence(rng), _sentence(rng), gold[i % 3], gold[i % 3]] for i in range(9)]
+        rows.append([9, 9, 9, "fiction", _sentence(rng), _sentence(rng), "neutral", "-"])  # no gold label
+        _write(root / "MNLI" / f"{dev}.tsv", rows, mnli_header)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading and scoring
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_reads_every_glue_layout(glue_dir):
+    cola = glue_tasks.read_tsv(glue_dir / "CoLA" / "train.tsv", glue_tasks.get_task("cola"))
+    assert len(cola["label"]) == 24 and cola["label"][:2] == [0, 1] and cola["text_b"][0] is None
+    sst2 = glue_tasks.read_tsv(glue_dir / "SST-2" / "dev.tsv", glue_tasks.get_task("sst2"))
+    assert sst2["text_a"][0].endswith('"')  # a bare quote survives (QUOTE_NONE)
+    mrpc = glue_tasks.read_tsv(glue_dir / "MRPC" / "train.tsv", glue_tasks.get_task("mrpc"))  # BOM before header
+    assert len(mrpc["label"]) == 24 and mrpc["text_b"][0] is not None
+    stsb = glue_tasks.read_tsv(glue_dir / "STS-B" / "train.tsv", glue_tasks.get_task("stsb"))
+    assert stsb["label"][1] == pytest.approx(0.37)
+    rte = glue_tasks.read_tsv(glue_dir / "RTE" / "train.tsv", glue_tasks.get_task("rte"))
+    assert rte["label"][:2] == [0, 1]  # entailment = 0, as in the Hub's nyu-mll/glue
+    mnli = glue_tasks.read_tsv(glue_dir / "MNLI" / "dev_matched.tsv", glue_tasks.get_task("mnli"))
+    assert mnli["label"] == [0, 1, 2] * 3  # the row with gold label "-" is dropped
+
+
+def test_metrics_match_known_values():
+    from glue_tasks import compute_metrics, get_task, task_score
+
+    labels = np.array([1, 1, 0, 0, 1])
+    logits = np.array([[0, 1], [1, 0], [1, 0], [0, 1], [0, 1]], dtype=float)  # preds 1 0 0 1 1: 3 of 5 right
+    m = compute_metrics(get_task("mrpc"), logits, labels)
+    assert m["accuracy"] == pytest.approx(60.0) and m["f1"] == pytest.approx(100 * 2 / 3)  # P = R = 2/3
+    assert task_score(get_task("mrpc"), m) == pytest.approx((60.0 + 200 / 3) / 2)
+    mcc = compute_metrics(get_task("cola"), logits, labels)["mcc"]
+    assert mcc == pytest.approx(100 * (2 * 1 - 1 * 1) / np.sqrt(3 * 2 * 3 * 2))  # (TP·TN − FP·FN)/sqrt(...)
+    reg = compute_metrics(get_task("stsb"), np.array([[1.0], [2.0], [4.0]]), np.array([1.0, 2.0, 3.0]))
+    assert reg["spearman"] == pytest.approx(100.0) and 90 < reg["pearson"] < 100
+
+
+def test_clear_errors_for_missing_data(tmp_path, monkeypatch):
+    task = glue_tasks.get_task("rte")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        glue_tasks.load_task(task, tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"RTE/train\.tsv"):
+        glue_tasks.load_task(task, tmp_path)
+    with pytest.raises(ValueError, match="unknown GLUE task"):
+        glue_tasks.get_task("squad")
+
+    # Without --data-dir the Hub is asked; when that fails, the error says to pass --data-dir.
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(RuntimeError, match="--data-dir"):
+        glue_tasks.load_task(task, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end: a few training steps per task family
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _run(tiny_bert, data_dir, out, task, methods="ssmlora,lora", extra=()):
+    return glue.main(["--task", task, "--method", methods, "--model", str(tiny_bert), "--data-dir", str(data_dir),
+                      "--epochs", "1", "--batch-size", "8", "--max-length", "32", "--output-dir", str(out), *extra])
+
+
+# Adapter sizes on the tiny BERT (hidden 32, 4 layers) at r = 8: LoRA on query+value in all 4 layers,
+# 8 x r(32+32) = 4096; SSMLoRA on query in layers 0, 2 and value in 1, 3, 4 x (r(32+32) + 2r^2) = 2560.
+LORA_PARAMS, SSMLORA_PARAMS = 8 * 8 * 64, 4 * (8 * 64 + 2 * 64)
+
+
+@pytest.mark.parametrize(
+    ("task", "metric_keys", "num_labels"),
+    [
+        ("sst2", ["accuracy"], 2),  # single sentence
+        ("mrpc", ["f1", "accuracy"], 2),  # sentence pair, F1 + accuracy
+        ("stsb", ["pearson", "spearman"], 1),  # regression
+        ("mnli", ["dev_matched/accuracy", "dev_mismatched/accuracy"], 3),  # 3 classes, two dev sets
+    ],
+)
+def test_task_families_train_and_report(tiny_bert, glue_dir, tmp_path, task, metric_keys, num_labels):
+    assert _run(tiny_bert, glue_dir, tmp_path, task) == 0
+    for method, adapter in (("ssmlora", SSMLORA_PARAMS), ("lora", LORA_PARAMS)):
+        run = json.loads((tmp_path / f"{task}-{method}-r8-seed0.json").read_text())
+        assert sorted(run["metrics"]) == sorted(metric_keys)
+        assert all(np.isfinite(v) for v in run["metrics"].values())
+        assert run["trainable_params"] == {"adapter": adapter, "head": 32 * num_labels + num_labels,
+                                           "total": adapter + 32 * num_labels + num_labels}
+        assert run["train_examples"] == 24 and run["train_examples_per_s"] > 0 and np.isfinite(run["train_loss"])
+        assert run["config"]["lr"] == 5e-4 and run["config"]["rank"] == 8
+    table = (tmp_path / "table.md").read_text()
+    assert "ssmlora r=8" in table and "lora r=8" in table and f"{task.upper()} {metric_keys[0]}" in table
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_runs_resume_and_table_aggregates_seeds(tiny_bert, glue_dir, tmp_path, capsys):
+    out = tmp_path / "runs"
+    _run(tiny_bert, glue_dir, out, "cola", extra=["--seed", "0,1", "--max-train-samples", "16"])
+    first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
+    assert len(first) == 4  # 2 methods x 2 seeds
+    run = json.loads((out / "cola-lora-r8-seed1.json").read_text())
+    assert run["train_examples"] == 16 and run["train_examples_full"] == 24 and "mcc" in run["metrics"]
+    capsys.readouterr()
+    _run(tiny_bert, glue_dir, out, "cola", extra=["--seed", "0,1", "--max-train-samples", "16"])
+    assert "already done" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")} == first  # nothing was run again
+    rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| lora r=8")]
+    assert " ± " in rows[0] and rows[0].rstrip(" |").endswith("2")  # mean ± std over the 2 seeds
+
+
+def test_full_and_bitfit(tiny_bert, glue_dir, tmp_path):
+    assert _run(tiny_bert, glue_dir, tmp_path, "rte", methods="full,bitfit", extra=["--lr", "1e-3"]) == 0
+    full = json.loads((tmp_path / "rte-full-seed0.json").read_text())
+    bitfit = json.loads((tmp_path / "rte-bitfit-seed0.json").read_text())
+    assert full["trainable_params"]["total"] == full["base_model_params"]
+    assert 0 < bitfit["trainable_params"]["adapter"] < full["trainable_params"]["adapter"] / 10
+    assert full["trainable_params"]["head"] == bitfit["trainable_params"]["head"] == 66
+
+
+def test_paper_preset_uses_raw_alpha(tiny_bert, glue_dir, tmp_path):
+    args = glue.parse_args(["--task", "rte", "--preset", "paper", "--model", str(tiny_bert)])
+    assert args.ssmlora_scaling == "raw" and args.rank == 8 and args.alpha == 16
+    args = glue.parse_args(["--task", "rte", "--preset", "paper", "--ssmlora-scaling", "rank", "--rank", "4",
+                            "--model", str(tiny_bert)])
+    assert args.ssmlora_scaling == "rank" and args.rank == 4  # explicit options win over the preset
+
+
+def test_real_glue_slice(tiny_bert, shared_data, tmp_path):
+    """The shared GLUE copy reads with the documented row counts, and a tiny slice of it trains."""
+    expected = {"rte": (2490, 277), "mrpc": (3668, 408), "cola": (8551, 1043)}
+    for name, (n_train, n_dev) in expected.items():
+        train, devs = glue_tasks.load_task(glue_tasks.get_task(name), shared_data / "glue")
+        assert (len(train), len(devs["dev"])) == (n_train, n_dev)
+    assert _run(tiny_bert, shared_data / "glue", tmp_path, "mrpc",
+                extra=["--max-train-samples", "16", "--max-eval-samples", "16"]) == 0
+    run = json.loads((tmp_path / "mrpc-ssmlora-r8-seed0.json").read_text())
+    assert run["train_examples_full"] == 3668 and run["dev_examples"] == {"dev": 16}
