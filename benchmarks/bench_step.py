@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch._functorch.config as torch_functorch_config
 import torch.nn as nn
 
 from ssmlora_kernels.reference import ssmlora_step_reference
@@ -69,6 +70,11 @@ def reference_step(x, base_out, state, A_w, B_w, C_w, D_w, p: float):
     return ssmlora_step_reference(
         x, base_out, state, A_w, B_w, C_w, D_w, scaling=SCALING, leaky_slope=SLOPE, eps=EPS, dropout_mask=mask
     )
+
+
+def reference_layer(x, W, bias, state, A_w, B_w, C_w, D_w, p: float):
+    """Frozen linear + eager step, as a function of its tensors (one `torch.compile` serves every shape)."""
+    return reference_step(x, torch.nn.functional.linear(x, W, bias), state, A_w, B_w, C_w, D_w, p)[0]
 
 
 def lora_update(x, base_out, A_w, B_w):
@@ -251,13 +257,16 @@ def _build(kind, provider, x, d, r, dtype, device, p, state, compiled_cache):
     g_out = torch.randn(x.shape[0], d, device=device, dtype=dtype)
     if kind == "step":
         base_out = torch.randn(x.shape[0], d, device=device, dtype=dtype)
-        layer = SSMLoRABenchLayer(nn.Linear(d, d, device=device, dtype=dtype), r, "eager", p, state)
-        params = [layer.A, layer.B, layer.C, layer.D]
-        A, B, C, D = params
+        A = torch.randn(r, d, device=device, dtype=dtype) * r**-0.5
+        B = torch.randn(d, r, device=device, dtype=dtype) * 0.02
+        C = torch.randn(r, r, device=device, dtype=dtype) * 0.1
+        D = torch.randn(r, r, device=device, dtype=dtype) * 0.1
+        params = [t.requires_grad_(True) for t in (A, B, C, D)]
         if provider == "eager":
             return (lambda: (reference_step(x, base_out, state, A, B, C, D, p)[0], g_out)), [x, *params]
         if provider == "compile":
-            fn = compiled_cache.setdefault("step", torch.compile(reference_step))
+            # dynamic=True: one compiled graph for all shapes (a recompile per shape would cost minutes).
+            fn = compiled_cache.setdefault("step", torch.compile(reference_step, dynamic=True))
             return (lambda: (fn(x, base_out, state, A, B, C, D, p)[0], g_out)), [x, *params]
         if provider == "triton":
             from ssmlora_kernels.triton_step import ssmlora_step_triton
@@ -282,7 +291,9 @@ def _build(kind, provider, x, d, r, dtype, device, p, state, compiled_cache):
         layer = SSMLoRABenchLayer(base, r, impl, p, state)
         params = [layer.A, layer.B, layer.C, layer.D]
         if provider == "compile":
-            layer = torch.compile(layer)
+            fn = compiled_cache.setdefault("layer", torch.compile(reference_layer, dynamic=True))
+            A, B, C, D = params
+            return (lambda: (fn(x, base.weight, base.bias, state, A, B, C, D, p), g_out)), [x, *params]
     elif provider.startswith("lora_p"):
         layer = peft_lora_layer(base, r, float(provider[len("lora_p") :]))
         params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
@@ -324,6 +335,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--tag", default=None, help="file name tag (default: derived from the device)")
+    ap.add_argument("--label", default="", help="appended to the device name, e.g. '2-core shared VM'")
     ap.add_argument("--quick", action="store_true", help="GPU: only d=4096, r=16 (the target shape)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, every provider, for checking the script")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
@@ -334,6 +346,13 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", nargs="*", default=["forward", "backward", "full"])
     ap.add_argument("--state-dropout", type=float, default=0.1, help="SSMLoRA state dropout (training default 0.1)")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU: torch threads (use 1 on a shared machine: oversubscribed "
+        "OpenMP threads turn sub-ms ops into 100 ms stalls)",
+    )
     ap.add_argument("--rep-ms", type=int, default=50, help="GPU: do_bench measuring time per point")
     ap.add_argument("--min-time-s", type=float, default=0.4, help="CPU: measuring time per point")
     ap.add_argument("--min-reps", type=int, default=5)
@@ -341,6 +360,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
+    # The "backward" mode replays one retained graph; compiled backwards with donated buffers forbid that.
+    torch_functorch_config.donated_buffer = False
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gpu = device.type == "cuda"
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     if args.smoke:
@@ -357,7 +380,7 @@ def main(argv=None) -> int:
     # The Triton path runs on GPUs; on CPU only under the interpreter (`--smoke`), where its timings mean nothing.
     use_triton = gpu or (interp and args.smoke)
     use_compile = not args.no_compile
-    name = _device_name(device)
+    name = _device_name(device) + (f", {args.label}" if args.label else "")
     tag = args.tag or ("smoke" if args.smoke else (name.replace(" ", "-").lower() if gpu else "cpu"))
     print(
         f"device: {name}; dtype {dtype}; dims {dims}; ranks {ranks}; tokens {tokens}; state dropout {args.state_dropout}"
@@ -410,7 +433,6 @@ def main(argv=None) -> int:
                                 flush=True,
                             )
                 del x, state
-                compiled_cache.clear()  # a new shape recompiles anyway; drop the old graphs
 
     csv_path = out_dir / f"bench_step_{tag}.csv"
     with open(csv_path, "w", newline="") as f:
@@ -428,8 +450,12 @@ def _markdown(rows, name, args, interp) -> str:
         f"# SSMLoRA step benchmark: {name}",
         "",
         f"Command: `python benchmarks/bench_step.py {' '.join(sys.argv[1:])}`; torch {torch.__version__}. "
-        f"SSMLoRA state dropout {args.state_dropout}. Times: median ms [p20, p80].",
+        f"SSMLoRA state dropout {args.state_dropout}. Times: median ms [p20, p80]; `a/b` columns are ratios of "
+        "medians (> 1: b is faster).",
     ]
+    if not name.startswith(("NVIDIA", "AMD")) and hasattr(os, "getloadavg"):
+        load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+        lines.append(f"CPU load average at the end of the run: {load} (shared machine: CPU times are indicative).")
     if interp:
         lines.append("**Triton ran under TRITON_INTERPRET=1: its times are meaningless (this is a smoke run).**")
     for mode in ("full", "forward", "backward"):
@@ -442,12 +468,16 @@ def _markdown(rows, name, args, interp) -> str:
             if not ks:
                 continue
             provs = list(dict.fromkeys(r["provider"] for r in ks))
+            fast = "triton" if "triton" in provs else "eager"
+            pairs = [("eager", "triton"), ("compile", "triton"), ("lora_p0", "triton")]
+            if fast == "eager":
+                pairs = [("eager", "compile"), ("lora_p0", "eager")]
+            if kind == "layer":
+                pairs.append(("linear", fast))
             head = (
-                "| kind | tokens | d | r | "
-                + " | ".join(provs)
-                + " | eager/triton | compile/triton | triton vs lora_p0 |"
+                f"| {kind}: tokens | d | r | " + " | ".join(provs) + " | " + " | ".join(f"{a}/{b}" for a, b in pairs)
             )
-            lines += [head, "|" + "---|" * (head.count("|") - 1)]
+            lines += [head + " |", "|" + "---|" * (head.count("|"))]
             shapes = list(dict.fromkeys((r["tokens"], r["d_in"], r["r"]) for r in ks))
             for tk, d, rr in shapes:
                 cell = {r["provider"]: r for r in ks if (r["tokens"], r["d_in"], r["r"]) == (tk, d, rr)}
@@ -458,15 +488,16 @@ def _markdown(rows, name, args, interp) -> str:
                     if c and c["peak_mb"] != "":
                         txt += f" ({c['peak_mb']:.0f} MB)"
                     vals.append(txt)
-
-                def ratio(a, b, cell=cell):
-                    return f"{cell[a]['median_ms'] / cell[b]['median_ms']:.2f}x" if a in cell and b in cell else "-"
-
-                lines.append(
-                    f"| {kind} | {tk} | {d} | {rr} | " + " | ".join(vals)
-                    + f" | {ratio('eager', 'triton')} | {ratio('compile', 'triton')} | {ratio('lora_p0', 'triton')} |"
-                )  # fmt: skip
-    lines += ["", "Memory (GPU, full mode): peak MB of one forward+backward above the live inputs.", ""]
+                ratios = [
+                    f"{cell[a]['median_ms'] / cell[b]['median_ms']:.2f}x" if a in cell and b in cell else "-"
+                    for a, b in pairs
+                ]
+                lines.append(f"| {tk} | {d} | {rr} | " + " | ".join(vals + ratios) + " |")
+    lines += [
+        "",
+        "Memory (GPU, full mode, in parentheses): peak MB of one forward+backward above the live inputs.",
+        "",
+    ]
     return "\n".join(lines)
 
 
