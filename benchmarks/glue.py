@@ -85,6 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", default="0", help="comma list of seeds; each is one run")
     p.add_argument("--output-dir", default="benchmarks/results/glue", help="run JSONs, table.md and plot.png")
     p.add_argument("--table-only", action="store_true", help="only rebuild table.md and plot.png from the JSONs")
+    p.add_argument("--throughput-steps", type=int, default=None,
+                   help="instead of training runs: time this many training steps per method, interleaved step by "
+                        "step on the same batches (fair on a machine whose load changes), and write "
+                        "throughput-<task>-r<rank>.json")
     args = p.parse_args(argv)
 
     for key, value in PRESETS[args.preset].items():
@@ -283,6 +287,51 @@ def run_one(args, method: str, seed: int, tokenizer, train, devs, n_train_full: 
     }
 
 
+def measure_throughput(args, tokenizer, train, steps: int, warmup: int = 3) -> dict:
+    """Time full training steps (forward, backward, clipping, AdamW) of every method on identical batches.
+
+    The methods take turns step by step (and swap order every step), so a change in the machine's load hits them
+    alike; a Trainer run per method cannot promise that on a shared CPU. Reports the median step time.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, set_seed
+
+    set_seed(0)
+    task: GlueTask = args.glue_task
+    models, optimizers = {}, {}
+    for method in args.methods:
+        model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=task.num_labels)
+        models[method] = apply_method(model, method, args).train()
+        lr = args.lr if args.lr is not None else DEFAULT_LR[method]
+        optimizers[method] = torch.optim.AdamW([p for p in models[method].parameters() if p.requires_grad], lr=lr)
+    collate = DataCollatorWithPadding(tokenizer)
+    rows = train.shuffle(seed=0)
+    n = min(steps + warmup, len(rows) // args.batch_size)
+    batches = [collate([rows[i * args.batch_size + j] for j in range(args.batch_size)]) for i in range(n)]
+    times: dict[str, list[float]] = {m: [] for m in args.methods}
+    for i, batch in enumerate(batches):
+        order = args.methods if i % 2 == 0 else args.methods[::-1]
+        for method in order:
+            model, opt = models[method], optimizers[method]
+            t0 = time.perf_counter()
+            model(**batch).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= warmup:
+                times[method].append(time.perf_counter() - t0)
+    out = {"task": task.name, "model": args.model, "batch_size": args.batch_size, "max_length": args.max_length,
+           "rank": args.rank, "timed_steps": len(times[args.methods[0]]), "warmup_steps": warmup,
+           "mean_tokens_per_batch": float(np.mean([b["input_ids"].numel() for b in batches[warmup:]])),
+           "torch_threads": torch.get_num_threads(), "methods": {}}
+    for method, ts in times.items():
+        med = float(np.median(ts))
+        out["methods"][method] = {"median_step_s": med, "mean_step_s": float(np.mean(ts)),
+                                  "train_examples_per_s": args.batch_size / med}
+        print(f"{task.name} {method}: median step {med * 1000:.0f} ms, {args.batch_size / med:.1f} train ex/s")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Table and plot, assembled from every run JSON in the output folder
 # ---------------------------------------------------------------------------------------------------------------
@@ -408,6 +457,17 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     task = args.glue_task
+    if args.throughput_steps:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        train, _, _ = load_data(args, tokenizer)
+        result = measure_throughput(args, tokenizer, train, args.throughput_steps)
+        path = output_dir / f"throughput-{task.name}-r{args.rank}.json"
+        path.write_text(json.dumps(result, indent=2))
+        print(f"wrote {path}")
+        return 0
+
     todo = []
     for method in args.methods:
         for seed in args.seeds:

@@ -217,3 +217,11 @@ def test_real_glue_slice(tiny_bert, shared_data, tmp_path):
                 extra=["--max-train-samples", "16", "--max-eval-samples", "16"]) == 0
     run = json.loads((tmp_path / "mrpc-ssmlora-r8-seed0.json").read_text())
     assert run["train_examples_full"] == 3668 and run["dev_examples"] == {"dev": 16}
+
+
+def test_interleaved_throughput_measurement(tiny_bert, glue_dir, tmp_path):
+    assert _run(tiny_bert, glue_dir, tmp_path, "rte", extra=["--throughput-steps", "2", "--batch-size", "4"]) == 0
+    result = json.loads((tmp_path / "throughput-rte-r8.json").read_text())
+    assert result["timed_steps"] == 2 and set(result["methods"]) == {"ssmlora", "lora"}
+    assert all(m["train_examples_per_s"] > 0 for m in result["methods"].values())
+    assert not (tmp_path / "table.md").exists()  # timing only: no training runs, no table
