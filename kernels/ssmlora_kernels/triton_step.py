@@ -521,6 +521,8 @@ def ssmlora_step_triton(
     """
     for t in (x, base_out, A_w):
         _check_device(t)
+    # Python floats only: Triton would type an int `scaling` (e.g. raw alpha = 16) as i32 and specialise the value 1.
+    scaling, leaky_slope, eps = float(scaling), float(leaky_slope), float(eps)
     if state is not None and detach_state:
         state = state.detach()
     if dropout_p > 0.0 and seed is None:
