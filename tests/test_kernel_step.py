@@ -361,3 +361,33 @@ def test_dispatch_through_ssmlora_step(monkeypatch):
     if DEVICE == "cpu":
         with pytest.raises(RuntimeError, match="PEFT_SSMLORA_IMPL=torch"):
             ssmlora_step(t["x"], t["base"].clone(), t["s"], t["A"], t["B"], t["C"], t["D"], **kwargs)
+
+
+def test_activation_checkpointing_recomputes_the_same_dropout_mask():
+    # Non-reentrant checkpointing restores the CPU RNG state before recomputing, so the seed drawn from torch's
+    # global generator (hence the mask) is the same in the recomputed forward: gradients equal the plain run's.
+    from torch.utils.checkpoint import checkpoint
+
+    t = _inputs(70, 40, 24, 8, torch.float32, seed=71)
+    W = torch.randn(24, 40, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+
+    def layer(x, A, B, C, D):
+        out, n = ssmlora_step_triton(
+            x, x @ W.T, t["s"], A, B, C, D,
+            scaling=SCALING, dropout_p=0.3, leaky_slope=SLOPE, eps=EPS, detach_state=True,
+        )  # fmt: skip
+        return out, n
+
+    grads = []
+    for use_ckpt in (False, True):
+        leaves = [t[k].clone().requires_grad_(True) for k in ("x", "A", "B", "C", "D")]
+        torch.manual_seed(9)
+        if use_ckpt:
+            out, n = checkpoint(layer, *leaves, use_reentrant=False)
+        else:
+            out, n = layer(*leaves)
+        torch.manual_seed(1234)  # the RNG moves on before backward, as it would in training
+        ((out * t["G"]).sum() + (n * t["Gn"]).sum()).backward()
+        grads.append([v.grad for v in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
