@@ -363,9 +363,11 @@ def test_dispatch_through_ssmlora_step(monkeypatch):
             ssmlora_step(t["x"], t["base"].clone(), t["s"], t["A"], t["B"], t["C"], t["D"], **kwargs)
 
 
-def test_activation_checkpointing_recomputes_the_same_dropout_mask():
-    # Non-reentrant checkpointing restores the CPU RNG state before recomputing, so the seed drawn from torch's
-    # global generator (hence the mask) is the same in the recomputed forward: gradients equal the plain run's.
+@pytest.mark.parametrize("preserve_rng_state", [True, False])
+def test_activation_checkpointing_uses_the_forward_dropout_mask(preserve_rng_state):
+    # Non-reentrant checkpointing keeps the autograd node (and the seed stored on it) and recomputes only saved
+    # tensors (x, u, state, which do not depend on the mask): the backward uses the forward's mask whether or not
+    # the RNG state is restored, and the gradients equal those of a plain run.
     from torch.utils.checkpoint import checkpoint
 
     t = _inputs(70, 40, 24, 8, torch.float32, seed=71)
@@ -383,7 +385,7 @@ def test_activation_checkpointing_recomputes_the_same_dropout_mask():
         leaves = [t[k].clone().requires_grad_(True) for k in ("x", "A", "B", "C", "D")]
         torch.manual_seed(9)
         if use_ckpt:
-            out, n = checkpoint(layer, *leaves, use_reentrant=False)
+            out, n = checkpoint(layer, *leaves, use_reentrant=False, preserve_rng_state=preserve_rng_state)
         else:
             out, n = layer(*leaves)
         torch.manual_seed(1234)  # the RNG moves on before backward, as it would in training
