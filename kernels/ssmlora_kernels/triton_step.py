@@ -338,8 +338,9 @@ def _dropout_args(dropout_p: float) -> tuple[bool, float, float]:
 def _draw_seed() -> int:
     """A dropout seed from torch's global CPU generator.
 
-    Drawing it on the CPU avoids a GPU sync, and `torch.manual_seed` and activation checkpointing (which restores
-    the CPU RNG state before recomputation) reproduce it, hence the mask.
+    Drawing it on the CPU avoids a GPU sync, and `torch.manual_seed` reproduces it, hence the mask. The seed is kept
+    on the autograd node (not in a saved tensor), so the backward regenerates the forward's mask even when
+    non-reentrant activation checkpointing recomputes the saved tensors.
     """
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
