@@ -313,7 +313,9 @@ def _block_config(M: int, K: int, r: int, device: torch.device) -> dict:
             block_m = cand
             break
     block_k = min(128 if r_pad <= 32 else 64, max(16, triton.next_power_of_2(K)))
-    return {"BLOCK_M": block_m, "BLOCK_K": block_k, "R_PAD": r_pad, "num_warps": 4, "bwd_programs": 4 * sms}
+    # The backward keeps about a dozen (BLOCK_M, R_PAD) float32 tiles live: spread large ones over 8 warps.
+    num_warps = 8 if block_m * r_pad >= 4096 else 4
+    return {"BLOCK_M": block_m, "BLOCK_K": block_k, "R_PAD": r_pad, "num_warps": num_warps, "bwd_programs": 4 * sms}
 
 
 def _alloc(shape, device, dtype) -> torch.Tensor:
