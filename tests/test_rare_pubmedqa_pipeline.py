@@ -1,0 +1,231 @@
+"""The RARE-on-PubMedQA runner `benchmarks/rare_pubmedqa.py`, end to end on a tiny randomly initialised Llama.
+
+A handful of PubMedQA-like questions are written in the format of `ori_pqal.json` / `test_ground_truth.json` into
+a temporary folder, and a 2-layer Llama with a tiny BPE tokenizer (Llama-3 chat template) is saved beside them, so
+the runner goes through its real command line: loading, BM25 over the passages, Trainer + RAREDataCollator for
+every trained setting, scored and generated evaluation, one JSON per run and the table. The other tests check the
+prompts and loss masks each setting builds, the RAFT passages and the answer scorer against a brute-force
+log-likelihood.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_rare_fixtures import make_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rare_data import BM25Retriever, load_pubmedqa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import rare_pubmedqa as rp  # noqa: E402
+
+# Eight questions, each with a small abstract of 2-3 passages on its own topic (so BM25 finds them).
+TOPICS = {
+    "101": ("aspirin", "Does aspirin reduce heart attack risk in adults?", "yes"),
+    "102": ("insulin", "Does insulin therapy control glucose in children?", "yes"),
+    "103": ("vaccine", "Does measles vaccine therapy reduce the risk of outbreaks?", "yes"),
+    "104": ("statin", "Do statins increase cancer risk?", "no"),
+    "105": ("coffee", "Is coffee associated with higher mortality?", "no"),
+    "106": ("sleep", "Is short sleep linked to obesity in adolescents?", "maybe"),
+    "107": ("exercise", "Does exercise lower blood pressure in older adults?", "yes"),
+    "108": ("smoking", "Does smoking cessation reduce lung cancer mortality?", "no"),
+}
+TEST_IDS = ["105", "106", "107", "108"]
+
+
+def _record(topic: str, question: str, decision: str) -> dict:
+    contexts = [f"The {topic} cohort study enrolled patients and measured the outcome of {topic} therapy.",
+                f"Results: {topic} was associated with a significant change in risk (p<0.05) in the {topic} group.",
+                f"The {topic} trial was randomized and placebo controlled."][: 2 + len(topic) % 2]
+    return {"QUESTION": question, "CONTEXTS": contexts, "LABELS": ["BACKGROUND"] * len(contexts),
+            "MESHES": ["Humans"], "YEAR": "2001", "reasoning_required_pred": decision,
+            "reasoning_free_pred": decision, "final_decision": decision,
+            "LONG_ANSWER": f"These results suggest that {topic} matters for the outcome."}
+
+
+@pytest.fixture(scope="module")
+def pubmedqa_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pubmedqa")
+    raw = {pmid: _record(*spec) for pmid, spec in TOPICS.items()}
+    (folder / "ori_pqal.json").write_text(json.dumps(raw))
+    (folder / "test_ground_truth.json").write_text(json.dumps({pmid: TOPICS[pmid][2] for pmid in TEST_IDS}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 64) with the tiny BPE chat tokenizer, saved so `from_pretrained` loads it."""
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = make_tokenizer()
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def _argv(data_dir, model_dir, out, *extra) -> list[str]:
+    return ["--data-dir", str(data_dir), "--model", str(model_dir), "--output-dir", str(out), "--k", "2",
+            "--max-length", "256", "--max-passage-tokens", "64", "--grad-accum", "2", "--threads", "1", *extra]
+
+
+def test_every_setting_trains_evaluates_and_writes_a_result(pubmedqa_dir, tiny_llama_dir, tmp_path):
+    out = tmp_path / "results"
+    results = rp.main(_argv(pubmedqa_dir, tiny_llama_dir, out, "--method", "ssmlora"))
+    by_setting = {r["setting"]: r for r in results}
+    assert list(by_setting) == list(rp.SETTINGS)  # every setting, in the paper's order
+    for name, r in by_setting.items():
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["test_examples"] == len(TEST_IDS), name
+        assert sum(r["predictions"].values()) == len(TEST_IDS) and "invalid" not in r["predictions"]
+        assert 0.0 < r["answer_mass"] <= 1.0 and r["validity"] is None  # scored mode: no free-text answers
+        assert r["response_format"] == "answer-rationale" and r["eval"] == "scored" and r["method"] == "ssmlora"
+        assert r["trained"] == (rp.SETTINGS[name].train is not None)
+        assert r["test_label_counts"] == {"no": 2, "maybe": 1, "yes": 1}
+    for name in ("sft_closed", "rare", "rare_raft"):
+        r = by_setting[name]
+        assert r["train_examples"] == 4 and r["train_steps"] == 2 and r["trainable_parameters"] > 0
+        assert r["train_loss_first"] is not None and torch.isfinite(torch.tensor(r["train_loss_mean"]))
+    # rare_oracle evaluates the model rare trained (one training run, shared)
+    assert by_setting["rare_oracle"]["train_seconds"] == by_setting["rare"]["train_seconds"]
+    # passages: none closed-book, k=2 retrieved, the whole (2-3 passage) abstract for the oracle
+    assert by_setting["zs_closed"]["eval_passages_per_example"] == 0
+    assert by_setting["sft_closed"]["train_tokens_per_example"] < by_setting["rare"]["train_tokens_per_example"]
+    assert by_setting["zs_rag"]["eval_passages_per_example"] == 2
+    assert by_setting["rare_oracle"]["eval_gold_hit_rate"] == 1.0
+    assert by_setting["zs_rag"]["eval_gold_hit_rate"] == 1.0  # each toy question names its own topic
+    files = sorted(out.glob("*.json"))
+    assert len(files) == len(rp.SETTINGS)
+    table = (out / "table.md").read_text().splitlines()
+    assert len(table) == 2 + len(rp.SETTINGS) and all(f"| {name} |" in "\n".join(table) for name in rp.SETTINGS)
+    # a second invocation finds every JSON and runs nothing (an interrupted grid resumes)
+    assert rp.main(_argv(pubmedqa_dir, tiny_llama_dir, out, "--method", "ssmlora")) == []
+
+
+def test_generated_evaluation_with_rationale_first_and_lora(pubmedqa_dir, tiny_llama_dir, tmp_path):
+    results = rp.main(_argv(pubmedqa_dir, tiny_llama_dir, tmp_path, "--method", "lora", "--settings", "zs_rag,rare",
+                            "--eval", "generate", "--response-format", "rationale-answer", "--max-new-tokens", "6"))
+    assert [r["setting"] for r in results] == ["zs_rag", "rare"]
+    for r in results:
+        assert 0.0 <= r["validity"] <= 1.0 and r["answer_mass"] is None
+        # accuracy counts an invalid generation as wrong, so it never exceeds the validity rate
+        assert r["accuracy"] <= r["validity"]
+        assert sum(r["predictions"].values()) == len(TEST_IDS)
+
+
+def test_scored_mode_requires_answer_first_format():
+    with pytest.raises(SystemExit):
+        rp.parse_args(["--eval", "scored", "--response-format", "rationale-answer"])
+
+
+# ---- prompts and masks ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pieces(pubmedqa_dir):
+    data = load_pubmedqa(pubmedqa_dir)
+    retriever = BM25Retriever.from_texts(data.passages, ids=data.passage_ids)
+    return data, retriever, make_tokenizer()
+
+
+@pytest.mark.parametrize("response_format", rp.FORMATS)
+@pytest.mark.parametrize("setting", ["closed_book", "retrieval", "oracle"])
+def test_prompts_and_loss_masks(pieces, setting, response_format):
+    data, retriever, tokenizer = pieces
+    args = rp.parse_args(["--k", "2", "--max-length", "256", "--response-format", response_format,
+                          "--eval", "generate"])
+    collator = rp.make_collator(tokenizer, retriever, args, setting)
+    example = dict(data.train[0])
+    example["response"] = rp.response_text(example["long_answer"], example["answer"], response_format)
+    tag = f"<answer>{example['answer']}</answer>"
+    assert (example["response"].startswith(tag) if response_format == "answer-rationale"
+            else example["response"].endswith(tag))
+    encoded = collator.encode(example)
+    prompt = tokenizer.decode(encoded.input_ids[:encoded.prompt_length])
+    completion_ids = encoded.input_ids[encoded.prompt_length:]
+    # loss on the response and the end-of-turn token only
+    assert encoded.labels == [-100] * encoded.prompt_length + completion_ids
+    assert completion_ids == tokenizer(example["response"], add_special_tokens=False)["input_ids"] + [
+        tokenizer.convert_tokens_to_ids("<|eot_id|>")]
+    # the prompt: chat template, instruction matching the response order, question last
+    assert prompt.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>")
+    assert prompt.rstrip().endswith("<|start_header_id|>assistant<|end_header_id|>")
+    assert f"# Question\n{example['question']}" in prompt
+    assert ("First give the final answer" in prompt) == (response_format == "answer-rationale")
+    gold = list(example["gold_passage_ids"])
+    if setting == "closed_book":
+        assert encoded.passage_ids == [] and "# Retrieved Documents" not in prompt
+    elif setting == "retrieval":
+        top = [p.id for p in retriever.search([example["question"]], 2)[0]]
+        assert encoded.passage_ids == top and "# Retrieved Documents" in prompt
+    else:
+        assert encoded.passage_ids == gold  # the whole abstract, in order
+    for pid in encoded.passage_ids:
+        assert retriever.get_passages([pid])[0].text in prompt
+    # the generation-time prompt is the training prompt
+    assert collator.encode_prompt(example, max_new_tokens=8).input_ids == encoded.input_ids[:encoded.prompt_length]
+
+
+def test_raft_passages_are_gold_plus_distractors_from_other_abstracts(pieces):
+    data, retriever, tokenizer = pieces
+    args = rp.parse_args(["--k", "3", "--num-distractors", "1", "--distractor-pool", "3", "--p-keep-gold", "0.5"])
+    collator = rp.make_collator(tokenizer, retriever, args, "retrieval", raft=True)
+    kept = dropped = 0
+    for example in data.train:
+        raft = rp.with_raft_passages(dict(example), retriever, n_gold=2, pool=3)
+        own = set(example["gold_passage_ids"])
+        assert raft["gold_passage_ids"] and set(raft["gold_passage_ids"]) <= own
+        assert len(raft["gold_passage_ids"]) <= 2
+        distractors = [p["id"] for p in raft["passages"] if p["id"] not in raft["gold_passage_ids"]]
+        assert distractors and not set(distractors) & own  # distractors come from other abstracts only
+        for epoch in range(4):
+            collator.set_epoch(epoch)
+            shown = collator.encode({**raft, "response": example["response"]}).passage_ids
+            n_gold = len(set(shown) & own)
+            assert n_gold in (0, len(raft["gold_passage_ids"])) and len(shown) - n_gold == 1
+            kept, dropped = kept + (n_gold > 0), dropped + (n_gold == 0)
+    assert kept and dropped  # p_keep_gold=0.5 over 16 draws: both cases occur
+
+
+def _brute_force(model, prompt: list[int], candidates: dict, prefix: list[int]) -> dict:
+    """Sum of the log-probabilities of each candidate's tokens after the shared prefix, one full pass each."""
+    out = {}
+    with torch.no_grad():
+        for answer, cand in candidates.items():
+            ids = prompt + cand
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+            out[answer] = sum(logp[t - 1, ids[t]].item() for t in range(len(prompt) + len(prefix), len(ids)))
+    return out
+
+
+def test_answer_scorer_matches_brute_force_log_likelihood(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    prompt = tokenizer("Does aspirin reduce risk?", add_special_tokens=False)["input_ids"]
+    scorer = rp.AnswerScorer(tokenizer)
+    # The tiny tokenizer splits "maybe" in two, so the scorer takes one pass per candidate ...
+    assert not scorer.fast and len(scorer.candidates["maybe"]) == len(scorer.prefix) + 2
+    scores, mass = scorer.score(model, prompt)
+    assert scores == pytest.approx(_brute_force(model, prompt, scorer.candidates, scorer.prefix), abs=1e-4)
+    assert 0 < mass <= 1
+    # ... and with single-token answers (as SmolLM2's tokenizer gives) the one-pass shortcut is exact too.
+    scorer.candidates = {a: scorer.prefix + [ids[len(scorer.prefix)]] for a, ids in scorer.candidates.items()}
+    scorer.fast = True
+    fast, fast_mass = scorer.score(model, prompt)
+    assert fast == pytest.approx(_brute_force(model, prompt, scorer.candidates, scorer.prefix), abs=1e-4)
+    assert fast_mass == pytest.approx(sum(torch.tensor(list(fast.values())).exp().tolist()), rel=1e-5)
+
+
+def test_smollm2_answers_are_single_tokens_after_the_tag():
+    """The CPU grid relies on the one-pass scorer: yes / no / maybe are one token each after `<answer>`."""
+    from test_rare_fixtures import smollm2_tokenizer
+
+    scorer = rp.AnswerScorer(smollm2_tokenizer())
+    assert scorer.fast
