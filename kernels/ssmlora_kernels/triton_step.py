@@ -25,7 +25,9 @@ Precision: the state path (`s`, `z`, min/max, `n`, `v`, `dz`) is float32 whateve
 d)` matmuls run in the activation dtype (as under autocast): `x`'s dtype for `A`, `base_out`'s for `B`; weights of
 another dtype are cast (they are small). Inside the kernels every load is upcast to float32 before arithmetic
 (required under `TRITON_INTERPRET=1`, where bf16 values are raw bits), except that on a GPU the `x A` product of
-16-bit `x` and `A` of the same dtype runs natively on tensor cores with float32 accumulation.
+16-bit `x` and `A` of the same dtype runs natively on tensor cores with float32 accumulation, and the float32
+products (rank-r state products, float32 `x A`) use 3xTF32 on Ampere and newer (float32-level accuracy; IEEE FMA
+dots made ptxas spill kilobytes per thread at r = 64). The interpreter computes all dots in IEEE float32.
 """
 
 from __future__ import annotations
@@ -86,15 +88,15 @@ def _keep_scale(seed, rows, cols, R, p, keep_scale):
 
 
 @triton.jit
-def _state_update(u, s, ct, dt, cols, R, eps, HAS_STATE: tl.constexpr):
+def _state_update(u, s, ct, dt, cols, R, eps, HAS_STATE: tl.constexpr, DOT_PREC: tl.constexpr):
     """z = s + s C + u D and its per-row min-max normalisation; returns (n, lo_index, hi_index, denominator).
 
     Padded rank columns are excluded from min/max (±inf) and give n = 0. min/max return the FIRST arg-min/arg-max
     on ties (`tie_break_left`), as the reference's `argmin`/`argmax` do.
     """
-    z = tl.dot(u, dt, input_precision="ieee")
+    z = tl.dot(u, dt, input_precision=DOT_PREC)
     if HAS_STATE:
-        z += s + tl.dot(s, ct, input_precision="ieee")
+        z += s + tl.dot(s, ct, input_precision=DOT_PREC)
     col_ok = (cols < R)[None, :]
     lo, i_lo = tl.min(
         tl.where(col_ok, z, float("inf")), axis=1, return_indices=True, return_indices_tie_break_left=True
@@ -123,6 +125,7 @@ def _ssmlora_fwd_kernel(
     stride_nm, stride_um, stride_vm,
     seed, p, keep_scale, eps,
     HAS_STATE: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_U: tl.constexpr, DOT_NATIVE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
 ):  # fmt: skip
     """One program per BLOCK_M rows: reads its rows of `x` once and writes n, u and v for them."""
@@ -147,7 +150,7 @@ def _ssmlora_fwd_kernel(
         if DOT_NATIVE:
             acc = tl.dot(x, a, acc)
         else:
-            acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision=DOT_PREC)
     u = acc
 
     ct = _load_rr_t(C, stride_c0, stride_c1, R, R_PAD)
@@ -159,7 +162,7 @@ def _ssmlora_fwd_kernel(
             mask=row_ok[:, None] & col_ok[None, :],
             other=0.0,
         ).to(tl.float32)
-    n, _, _, _ = _state_update(u, s, ct, dt, cols, R, eps, HAS_STATE)
+    n, _, _, _ = _state_update(u, s, ct, dt, cols, R, eps, HAS_STATE, DOT_PREC)
 
     # leaky_relu is the identity in the forward: dropout(n) >= 0.
     if HAS_DROPOUT:
@@ -184,6 +187,7 @@ def _ssmlora_bwd_kernel(
     stride_dum, stride_dsm, stride_vsm,
     seed, p, keep_scale, scaling, slope, eps,
     HAS_STATE: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DN_NEXT: tl.constexpr, STORE_DS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, R_PAD: tl.constexpr,
 ):  # fmt: skip
     """Programs stride over row blocks, accumulating dC_w = Σ dzᵀ s and dD_w = Σ dzᵀ u in registers.
@@ -212,7 +216,7 @@ def _ssmlora_bwd_kernel(
         s = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
         if HAS_STATE:
             s = tl.load(S + rows[:, None] * stride_sm + cols[None, :] * stride_sr, mask=mask, other=0.0).to(tl.float32)
-        n, i_lo, i_hi, den = _state_update(u, s, ct, dt, cols, R, eps, HAS_STATE)
+        n, i_lo, i_hi, den = _state_update(u, s, ct, dt, cols, R, eps, HAS_STATE, DOT_PREC)
 
         dv = tl.load(DV + rows[:, None] * stride_dvm + cols[None, :] * stride_dvr, mask=mask, other=0.0).to(tl.float32)
         dv = dv * scaling
@@ -238,18 +242,18 @@ def _ssmlora_bwd_kernel(
         dz = dz / den[:, None]
         dz = tl.where(mask, dz, 0.0)
 
-        du = dv + tl.dot(dz, d_mat, input_precision="ieee")
+        du = dv + tl.dot(dz, d_mat, input_precision=DOT_PREC)
         tl.store(DU + rows[:, None] * stride_dum + cols[None, :], du.to(DU.dtype.element_ty), mask=mask)
         if STORE_DS:
-            ds = dz + tl.dot(dz, _load_rr(C, stride_c0, stride_c1, R, R_PAD), input_precision="ieee")
+            ds = dz + tl.dot(dz, _load_rr(C, stride_c0, stride_c1, R, R_PAD), input_precision=DOT_PREC)
             tl.store(DS + rows[:, None] * stride_dsm + cols[None, :], ds, mask=mask)
         vs = (u + nd) * scaling
         tl.store(VS + rows[:, None] * stride_vsm + cols[None, :], vs.to(VS.dtype.element_ty), mask=mask)
 
         dz_t = tl.trans(dz)
-        dd_acc += tl.dot(dz_t, u, input_precision="ieee")
+        dd_acc += tl.dot(dz_t, u, input_precision=DOT_PREC)
         if HAS_STATE:
-            dc_acc += tl.dot(dz_t, s, input_precision="ieee")
+            dc_acc += tl.dot(dz_t, s, input_precision=DOT_PREC)
 
     i = tl.arange(0, R_PAD).to(tl.int64)
     offs = pid.to(tl.int64) * R_PAD * R_PAD + i[:, None] * R_PAD + i[None, :]
@@ -295,27 +299,38 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _block_config(M: int, K: int, r: int, device: torch.device) -> dict:
+def _block_config(M: int, K: int, r: int, device: torch.device, native_dot: bool = True) -> dict:
     """Small block-size heuristic (no autotuning: multi-config autotune cannot run under the interpreter).
 
-    `tl.dot` needs every dimension >= 16, so r is padded to a power of two >= 16. On a GPU, BLOCK_M is the largest of
-    64/32/16 that still gives about two programs per SM (the forward streams `x`, so occupancy matters more than
-    tile reuse; A_w is small and stays in L2). Under the interpreter, blocks are small so that tests with a few
-    hundred rows still cover several blocks and partial blocks.
+    `tl.dot` needs every dimension >= 16, so r is padded to a power of two >= 16. Forward and backward share
+    BLOCK_M (see the module docstring). On a GPU, BLOCK_M is the largest of 64/32/16 that still gives about two
+    programs per SM (the forward streams `x`, so occupancy matters more than tile reuse; A_w is small and stays in
+    L2), capped by r: the backward keeps about a dozen (BLOCK_M, R_PAD) float32 tiles and the (R_PAD, R_PAD)
+    weight tiles and accumulators live, and ptxas (sm_90, Triton 3.9) reports heavy spills beyond BLOCK_M = 64 at
+    R_PAD = 16, 32 at R_PAD = 32 and 16 at R_PAD = 64. The rank-r products use 3xTF32 on Ampere and newer
+    (float32-level accuracy on tensor cores; IEEE FMA dots spill kilobytes per thread at r = 64).
+    Under the interpreter, blocks are small so that tests with a few hundred rows still cover several blocks and
+    partial blocks, and dots are IEEE float32.
     """
     r_pad = max(16, triton.next_power_of_2(r))
     if device.type != "cuda":
-        return {"BLOCK_M": 32, "BLOCK_K": 64, "R_PAD": r_pad, "num_warps": 4, "bwd_programs": 3}
+        return {"BLOCK_M": 32, "BLOCK_K": 64, "R_PAD": r_pad, "num_warps": 4, "bwd_programs": 3, "DOT_PREC": "ieee"}
     sms = _num_sms(device)
+    max_block_m = {16: 64, 32: 32}.get(r_pad, 16)
     block_m = 16
     for cand in (64, 32):
-        if triton.cdiv(M, cand) >= 2 * sms:
+        if cand <= max_block_m and triton.cdiv(M, cand) >= 2 * sms:
             block_m = cand
             break
-    block_k = min(128 if r_pad <= 32 else 64, max(16, triton.next_power_of_2(K)))
-    # The backward keeps about a dozen (BLOCK_M, R_PAD) float32 tiles live: spread large ones over 8 warps.
-    num_warps = 8 if block_m * r_pad >= 4096 else 4
-    return {"BLOCK_M": block_m, "BLOCK_K": block_k, "R_PAD": r_pad, "num_warps": num_warps, "bwd_programs": 4 * sms}
+    # float32 x goes through 3xTF32 (three MMAs on split operands): smaller K tiles keep it out of spills.
+    block_k = (128 if r_pad <= 32 else 64) if native_dot else 32
+    block_k = min(block_k, max(16, triton.next_power_of_2(K)))
+    num_warps = 8 if block_m * r_pad >= 1024 else 4
+    prec = "tf32x3" if torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
+    return {
+        "BLOCK_M": block_m, "BLOCK_K": block_k, "R_PAD": r_pad, "num_warps": num_warps,
+        "bwd_programs": 4 * sms, "DOT_PREC": prec,
+    }  # fmt: skip
 
 
 def _alloc(shape, device, dtype) -> torch.Tensor:
@@ -360,9 +375,9 @@ def _ssmlora_forward(x2, base2, s2, A_w, B_w, C_w, D_w, scaling, dropout_p, eps,
     v = _alloc((M, r), device=x2.device, dtype=base2.dtype)
     if M == 0:
         return n, u
-    cfg = _block_config(M, K, r, x2.device)
     # On a GPU, 16-bit x and A of the same dtype go to tensor cores natively (exact products, fp32 accumulation).
     dot_native = x2.device.type == "cuda" and x2.dtype in (torch.float16, torch.bfloat16) and A_w.dtype == x2.dtype
+    cfg = _block_config(M, K, r, x2.device, dot_native)
     has_state = s2 is not None
     s_arg = s2 if has_state else n  # never read when HAS_STATE is False
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
@@ -374,7 +389,7 @@ def _ssmlora_forward(x2, base2, s2, A_w, B_w, C_w, D_w, scaling, dropout_p, eps,
         C_w.stride(0), C_w.stride(1), D_w.stride(0), D_w.stride(1),
         n.stride(0), (u if store_u else n).stride(0), v.stride(0),
         seed, p, keep_scale, eps,
-        HAS_STATE=has_state, HAS_DROPOUT=has_dropout, STORE_U=store_u, DOT_NATIVE=dot_native,
+        HAS_STATE=has_state, HAS_DROPOUT=has_dropout, STORE_U=store_u, DOT_NATIVE=dot_native, DOT_PREC=cfg["DOT_PREC"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], R_PAD=cfg["R_PAD"], num_warps=cfg["num_warps"],
     )  # fmt: skip
     # The only pass over the (tokens, d_out) output: cuBLAS's epilogue adds alpha·(v B) onto base_out in place.
@@ -416,7 +431,7 @@ def _ssmlora_backward(
             C_w.stride(0), C_w.stride(1), D_w.stride(0), D_w.stride(1), gn_arg.stride(0), gn_arg.stride(1),
             du.stride(0), (ds if need_ds else du).stride(0), vs.stride(0),
             seed, p, keep_scale, scaling, leaky_slope, eps,
-            HAS_STATE=has_state, HAS_DROPOUT=has_dropout, HAS_DN_NEXT=gn2 is not None, STORE_DS=need_ds,
+            HAS_STATE=has_state, HAS_DROPOUT=has_dropout, HAS_DN_NEXT=gn2 is not None, STORE_DS=need_ds, DOT_PREC=cfg["DOT_PREC"],
             BLOCK_M=cfg["BLOCK_M"], R_PAD=r_pad, num_warps=cfg["num_warps"],
         )  # fmt: skip
     else:
