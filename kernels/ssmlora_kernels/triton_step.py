@@ -591,5 +591,10 @@ def ssmlora_dropout_mask(
     if M == 0:
         return out
     r_pad = max(16, triton.next_power_of_2(r))
-    _dropout_mask_kernel[(triton.cdiv(M, 32),)](out, M, r, int(seed), p, keep_scale, BLOCK_M=32, R_PAD=r_pad)
+    grid = (triton.cdiv(M, 32),)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            _dropout_mask_kernel[grid](out, M, r, int(seed), p, keep_scale, BLOCK_M=32, R_PAD=r_pad)
+    else:
+        _dropout_mask_kernel[grid](out, M, r, int(seed), p, keep_scale, BLOCK_M=32, R_PAD=r_pad)
     return out
