@@ -278,13 +278,14 @@ def evaluate(model, tokenizer, retriever, test_set, args, eval_setting: str) -> 
     collator = make_collator(tokenizer, retriever, args, eval_setting)
     scorer = AnswerScorer(tokenizer) if args.eval == "scored" else None
     reserve = len(scorer.candidates["maybe"]) if scorer else args.max_new_tokens
-    answers, references, prompt_lengths, shown, gold_shown, masses, samples = [], [], [], [], [], [], []
+    answers, references, prompt_lengths, shown, gold_shown, masses, outputs = [], [], [], [], [], [], []
     start = time.time()
     for example in test_set:
         encoded = collator.encode_prompt(example, max_new_tokens=reserve)
         if encoded is None:  # counted as a wrong answer, never silently skipped
             answers.append(None)
             references.append(example["answer"])
+            outputs.append({"id": example["id"], "gold": example["answer"], "pred": None, "dropped": True})
             continue
         prompt_lengths.append(encoded.prompt_length)
         shown.append(len(encoded.passage_ids))
@@ -293,16 +294,16 @@ def evaluate(model, tokenizer, retriever, test_set, args, eval_setting: str) -> 
             scores, mass = scorer.score(model, encoded.input_ids)
             answers.append(max(scores, key=scores.get))
             masses.append(mass)
-            text = json.dumps({a: round(v, 3) for a, v in scores.items()})
+            output = {"scores": {a: round(v, 4) for a, v in scores.items()}}
         else:
             ids = torch.tensor([encoded.input_ids], device=model.device)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                  max_new_tokens=args.max_new_tokens, pad_token_id=collator._pad_id)
             text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             answers.append(extract_answer(text, choices=ANSWERS))
+            output = {"output": text}
         references.append(example["answer"])
-        if len(samples) < 3:
-            samples.append({"id": example["id"], "answer": example["answer"], "output": text})
+        outputs.append({"id": example["id"], "gold": example["answer"], "pred": answers[-1], **output})
     seconds = time.time() - start
     return {
         "accuracy": accuracy(answers, references),
@@ -314,8 +315,26 @@ def evaluate(model, tokenizer, retriever, test_set, args, eval_setting: str) -> 
         "eval_passages_per_example": sum(shown) / max(len(shown), 1),
         # share of questions shown at least one passage of their own abstract (retrieval quality at test)
         "eval_gold_hit_rate": sum(gold_shown) / len(gold_shown) if gold_shown and eval_setting != "closed_book" else None,
-        "eval_seconds": round(seconds, 1), "samples": samples,
+        "yes_no_auc": yes_no_auc(outputs) if scorer else None,
+        "eval_seconds": round(seconds, 1), "per_question": outputs,
     }
+
+
+def yes_no_auc(outputs: list[dict]) -> float | None:
+    """ROC AUC of the score margin log p(yes) - log p(no) between gold-yes and gold-no questions.
+
+    Accuracy mostly measures a small model's bias towards one answer; the AUC asks whether its preference moves in
+    the right direction question by question (0.5: no signal), whatever the bias.
+    """
+    margin = {"yes": [], "no": []}
+    for o in outputs:
+        if o.get("scores") and o["gold"] in margin:
+            margin[o["gold"]].append(o["scores"]["yes"] - o["scores"]["no"])
+    pos, neg = margin["yes"], margin["no"]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
 
 
 # ---- results ---------------------------------------------------------------------------------------------------
@@ -330,20 +349,20 @@ def write_table(output_dir: Path) -> Path:
     order = list(SETTINGS)
     runs.sort(key=lambda r: (r["model_short"], r["method"], r["response_format"], r["eval"], r["test_examples"],
                              r["train_examples_requested"] or 0, r["seed"], order.index(r["setting"])))
-    lines = ["| setting | model | method | format | eval | train n | test n | accuracy | validity | answer mass | "
+    lines = ["| setting | model | method | format | eval | train n | test n | accuracy | yes/no AUC | validity | answer mass | "
              "predicted yes/no/maybe | tokens/ex (train / test) | gold shown at test | wall s (train + eval) |",
-             "|" + "---|" * 14]
+             "|" + "---|" * 15]
     for r in runs:
         p = r["predictions"]
         train_tok = f"{r['train_tokens_per_example']:.0f}" if r.get("train_tokens_per_example") else "–"
         hit = f"{r['eval_gold_hit_rate']:.2f}" if r.get("eval_gold_hit_rate") is not None else "–"
         validity = "–" if r["validity"] is None else f"{100 * r['validity']:.0f}%"
         mass = "–" if r["answer_mass"] is None else f"{r['answer_mass']:.2f}"
+        auc = "–" if r.get("yes_no_auc") is None else f"{r['yes_no_auc']:.2f}"
         lines.append(
             f"| {r['setting']} | {r['model_short']} | {r['method'] if r['trained'] else '–'} | {r['response_format']} "
             f"| {r['eval']} | {r.get('train_examples', 0) if r['trained'] else 0} | {r['test_examples']} "
-            f"| {100 * r['accuracy']:.1f} | "
-            f"{validity} | {mass} | "
+            f"| {100 * r['accuracy']:.1f} | {auc} | {validity} | {mass} | "
             f"{p.get('yes', 0)}/{p.get('no', 0)}/{p.get('maybe', 0)} | {train_tok} / "
             f"{r['eval_prompt_tokens_per_example']:.0f} | {hit} | "
             f"{r.get('train_seconds', 0):.0f} + {r['eval_seconds']:.0f} |")

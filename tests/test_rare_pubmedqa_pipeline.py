@@ -89,6 +89,9 @@ def test_every_setting_trains_evaluates_and_writes_a_result(pubmedqa_dir, tiny_l
         assert r["response_format"] == "answer-rationale" and r["eval"] == "scored" and r["method"] == "ssmlora"
         assert r["trained"] == (rp.SETTINGS[name].train is not None)
         assert r["test_label_counts"] == {"no": 2, "maybe": 1, "yes": 1}
+        assert [q["id"] for q in r["per_question"]] and all(set(q["scores"]) == set(rp.ANSWERS)
+                                                            for q in r["per_question"])
+        assert 0.0 <= r["yes_no_auc"] <= 1.0
     for name in ("sft_closed", "rare", "rare_raft"):
         r = by_setting[name]
         assert r["train_examples"] == 4 and r["train_steps"] == 2 and r["trainable_parameters"] > 0
@@ -118,6 +121,16 @@ def test_generated_evaluation_with_rationale_first_and_lora(pubmedqa_dir, tiny_l
         # accuracy counts an invalid generation as wrong, so it never exceeds the validity rate
         assert r["accuracy"] <= r["validity"]
         assert sum(r["predictions"].values()) == len(TEST_IDS)
+
+
+def test_yes_no_auc():
+    def q(gold, yes, no):
+        return {"gold": gold, "scores": {"yes": yes, "no": no, "maybe": -9.0}}
+
+    # margins yes - no: gold-yes 1.0 and 0.0, gold-no -1.0 and 0.0 (a tie counts half); maybe questions ignored
+    outputs = [q("yes", 0.0, -1.0), q("yes", -1.0, -1.0), q("no", -2.0, -1.0), q("no", -1.0, -1.0), q("maybe", 5, 0)]
+    assert rp.yes_no_auc(outputs) == pytest.approx((1 + 1 + 1 + 0.5) / 4)
+    assert rp.yes_no_auc([q("yes", 0.0, 0.0)]) is None  # needs both classes
 
 
 def test_scored_mode_requires_answer_first_format():
