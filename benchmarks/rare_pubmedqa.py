@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import set_seed
 
 from rare_data import (
     BM25Retriever,
@@ -340,7 +341,7 @@ def yes_no_auc(outputs: list[dict]) -> float | None:
 # ---- results ---------------------------------------------------------------------------------------------------
 def run_name(setting: str, args) -> str:
     return (f"{setting}__{args.method}__{args.response_format}__{args.eval}__train{args.max_train or 'all'}"
-            f"__test{args.max_test or 'all'}__seed{args.seed}")
+            f"__test{args.max_test or 'all'}__lr{args.lr:g}__seed{args.seed}")
 
 
 def write_table(output_dir: Path) -> Path:
@@ -348,10 +349,11 @@ def write_table(output_dir: Path) -> Path:
     runs = [json.loads(p.read_text()) for p in sorted(output_dir.glob("*.json"))]
     order = list(SETTINGS)
     runs.sort(key=lambda r: (r["model_short"], r["method"], r["response_format"], r["eval"], r["test_examples"],
-                             r["train_examples_requested"] or 0, r["seed"], order.index(r["setting"])))
-    lines = ["| setting | model | method | format | eval | train n | test n | accuracy | yes/no AUC | validity | answer mass | "
+                             r["train_examples_requested"] or 0, r["config"]["lr"], r["seed"],
+                             order.index(r["setting"])))
+    lines = ["| setting | model | method | lr | format | eval | train n | test n | accuracy | yes/no AUC | validity | answer mass | "
              "predicted yes/no/maybe | tokens/ex (train / test) | gold shown at test | wall s (train + eval) |",
-             "|" + "---|" * 15]
+             "|" + "---|" * 16]
     for r in runs:
         p = r["predictions"]
         train_tok = f"{r['train_tokens_per_example']:.0f}" if r.get("train_tokens_per_example") else "–"
@@ -360,7 +362,8 @@ def write_table(output_dir: Path) -> Path:
         mass = "–" if r["answer_mass"] is None else f"{r['answer_mass']:.2f}"
         auc = "–" if r.get("yes_no_auc") is None else f"{r['yes_no_auc']:.2f}"
         lines.append(
-            f"| {r['setting']} | {r['model_short']} | {r['method'] if r['trained'] else '–'} | {r['response_format']} "
+            f"| {r['setting']} | {r['model_short']} | {r['method'] if r['trained'] else '–'} "
+            f"| {r['config']['lr'] if r['trained'] else '–'} | {r['response_format']} "
             f"| {r['eval']} | {r.get('train_examples', 0) if r['trained'] else 0} | {r['test_examples']} "
             f"| {100 * r['accuracy']:.1f} | {auc} | {validity} | {mass} | "
             f"{p.get('yes', 0)}/{p.get('no', 0)}/{p.get('maybe', 0)} | {train_tok} / "
@@ -448,6 +451,7 @@ def main(argv=None) -> list[dict]:
     for setting_name in todo:
         setting = SETTINGS[setting_name]
         if setting.train not in trained:
+            set_seed(args.seed)  # the adapter's random init must not depend on which settings ran before
             model = wrap_for_training(copy.deepcopy(base), args.method, args.rank, args.alpha)
             n_trainable = count_trainable(model)
             print(f"[{setting_name}] training ({setting.train}, {args.method}, {n_trainable} trainable)", flush=True)
