@@ -140,3 +140,18 @@ def test_layers_to_transform_restricts_placement():
     model = get_peft_model(tiny_gpt2(layers=4), SSMLoRAConfig(r=2, target_modules=["c_attn"], layers_to_transform=[1, 3]))
     adapted = sorted(n for n, m in model.named_modules() if hasattr(m, "ssmlora_chain"))
     assert [n.split(".h.")[1] for n in adapted] == ["1.attn.c_attn", "3.attn.c_attn"]
+
+
+def test_interval_module_outside_the_layer_stack_is_refused():
+    with pytest.raises(ValueError, match="'classifier'.*has no layer index.*Remove it from `interval_modules`"):
+        get_peft_model(tiny_bert(), SSMLoRAConfig(target_modules=["query", "classifier"],
+                                                  interval_modules=["query", "classifier"]))
+
+
+def test_a_chain_module_run_out_of_order_is_an_error():
+    model = get_peft_model(tiny_bert(layers=4), SSMLoRAConfig(r=4))
+    model(input_ids=torch.ones(1, 3, dtype=torch.long))  # a normal call works
+    value_in_layer_3 = model.base_model.model.bert.encoder.layer[3].attention.self.value
+    model.base_model.chain_context.reset()
+    with pytest.raises(RuntimeError, match="position 1 ran before position 0.*call the whole model"):
+        value_in_layer_3(torch.randn(1, 3, 32))
