@@ -317,6 +317,7 @@ def evaluate(model, tokenizer, retriever, test_set, args, eval_setting: str) -> 
         # share of questions shown at least one passage of their own abstract (retrieval quality at test)
         "eval_gold_hit_rate": sum(gold_shown) / len(gold_shown) if gold_shown and eval_setting != "closed_book" else None,
         "yes_no_auc": yes_no_auc(outputs) if scorer else None,
+        "answer_nll": answer_nll(outputs) if scorer else None,
         "eval_seconds": round(seconds, 1), "per_question": outputs,
     }
 
@@ -338,10 +339,23 @@ def yes_no_auc(outputs: list[dict]) -> float | None:
     return wins / (len(pos) * len(neg))
 
 
+def answer_nll(outputs: list[dict]) -> float | None:
+    """Mean negative log-probability of the gold answer, renormalised over yes / no / maybe (lower is better).
+
+    A smoother measure than accuracy: it moves when the model's belief moves, even if the argmax stays "yes".
+    """
+    nll = []
+    for o in outputs:
+        if o.get("scores"):
+            log_z = torch.logsumexp(torch.tensor(list(o["scores"].values())), 0).item()
+            nll.append(log_z - o["scores"][o["gold"]])
+    return sum(nll) / len(nll) if nll else None
+
+
 # ---- results ---------------------------------------------------------------------------------------------------
 def run_name(setting: str, args) -> str:
     return (f"{setting}__{args.method}__{args.response_format}__{args.eval}__train{args.max_train or 'all'}"
-            f"__test{args.max_test or 'all'}__lr{args.lr:g}__seed{args.seed}")
+            f"__test{args.max_test or 'all'}__lr{args.lr:g}__ep{args.epochs:g}__seed{args.seed}")
 
 
 def write_table(output_dir: Path) -> Path:
@@ -349,11 +363,11 @@ def write_table(output_dir: Path) -> Path:
     runs = [json.loads(p.read_text()) for p in sorted(output_dir.glob("*.json"))]
     order = list(SETTINGS)
     runs.sort(key=lambda r: (r["model_short"], r["method"], r["response_format"], r["eval"], r["test_examples"],
-                             r["train_examples_requested"] or 0, r["config"]["lr"], r["seed"],
+                             r["train_examples_requested"] or 0, r["config"]["lr"], r["config"]["epochs"], r["seed"],
                              order.index(r["setting"])))
-    lines = ["| setting | model | method | lr | format | eval | train n | test n | accuracy | yes/no AUC | validity | answer mass | "
+    lines = ["| setting | model | method | lr | epochs | format | eval | train n | test n | accuracy | yes/no AUC | answer NLL | validity | answer mass | "
              "predicted yes/no/maybe | tokens/ex (train / test) | gold shown at test | wall s (train + eval) |",
-             "|" + "---|" * 16]
+             "|" + "---|" * 18]
     for r in runs:
         p = r["predictions"]
         train_tok = f"{r['train_tokens_per_example']:.0f}" if r.get("train_tokens_per_example") else "–"
@@ -361,11 +375,14 @@ def write_table(output_dir: Path) -> Path:
         validity = "–" if r["validity"] is None else f"{100 * r['validity']:.0f}%"
         mass = "–" if r["answer_mass"] is None else f"{r['answer_mass']:.2f}"
         auc = "–" if r.get("yes_no_auc") is None else f"{r['yes_no_auc']:.2f}"
+        nll = answer_nll(r.get("per_question", []))
+        nll = "–" if nll is None else f"{nll:.3f}"
+        epochs = r["config"]["epochs"] if r["trained"] else "–"
         lines.append(
             f"| {r['setting']} | {r['model_short']} | {r['method'] if r['trained'] else '–'} "
-            f"| {r['config']['lr'] if r['trained'] else '–'} | {r['response_format']} "
+            f"| {r['config']['lr'] if r['trained'] else '–'} | {epochs} | {r['response_format']} "
             f"| {r['eval']} | {r.get('train_examples', 0) if r['trained'] else 0} | {r['test_examples']} "
-            f"| {100 * r['accuracy']:.1f} | {auc} | {validity} | {mass} | "
+            f"| {100 * r['accuracy']:.1f} | {auc} | {nll} | {validity} | {mass} | "
             f"{p.get('yes', 0)}/{p.get('no', 0)}/{p.get('maybe', 0)} | {train_tok} / "
             f"{r['eval_prompt_tokens_per_example']:.0f} | {hit} | "
             f"{r.get('train_seconds', 0):.0f} + {r['eval_seconds']:.0f} |")

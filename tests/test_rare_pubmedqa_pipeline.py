@@ -11,6 +11,7 @@ log-likelihood.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def test_every_setting_trains_evaluates_and_writes_a_result(pubmedqa_dir, tiny_l
         assert r["test_label_counts"] == {"no": 2, "maybe": 1, "yes": 1}
         assert [q["id"] for q in r["per_question"]] and all(set(q["scores"]) == set(rp.ANSWERS)
                                                             for q in r["per_question"])
-        assert 0.0 <= r["yes_no_auc"] <= 1.0
+        assert 0.0 <= r["yes_no_auc"] <= 1.0 and r["answer_nll"] > 0
     for name in ("sft_closed", "rare", "rare_raft"):
         r = by_setting[name]
         assert r["train_examples"] == 4 and r["train_steps"] == 2 and r["trainable_parameters"] > 0
@@ -131,6 +132,13 @@ def test_yes_no_auc():
     outputs = [q("yes", 0.0, -1.0), q("yes", -1.0, -1.0), q("no", -2.0, -1.0), q("no", -1.0, -1.0), q("maybe", 5, 0)]
     assert rp.yes_no_auc(outputs) == pytest.approx((1 + 1 + 1 + 0.5) / 4)
     assert rp.yes_no_auc([q("yes", 0.0, 0.0)]) is None  # needs both classes
+
+
+def test_answer_nll_is_the_three_way_cross_entropy():
+    uniform = {"gold": "no", "scores": {"yes": -2.0, "no": -2.0, "maybe": -2.0}}
+    sure = {"gold": "yes", "scores": {"yes": 0.0, "no": -50.0, "maybe": -50.0}}
+    assert rp.answer_nll([uniform]) == pytest.approx(math.log(3))
+    assert rp.answer_nll([uniform, sure]) == pytest.approx(math.log(3) / 2, abs=1e-6)
 
 
 def test_scored_mode_requires_answer_first_format():
