@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Why does SSMLoRA trail LoRA on SST-2 (grid B: 800 train examples, lr 2e-3, one epoch)? Seed 1 of SSMLoRA did not
+# learn at all there. Vary one thing at a time on that setting; each variant gets its own output folder.
+set -euo pipefail
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+DATA=${DATA:-../shared/data/glue}
+D=benchmarks/results/glue/investigate
+common=(--task sst2 --data-dir "$DATA" --rank 8 --alpha 16 --epochs 1 --batch-size 8 --max-length 128
+        --max-train-samples 800)
+python benchmarks/glue.py "${common[@]}" --method ssmlora --seed 1 --lr 2e-3 --state-dropout 0 --output-dir $D/state-dropout-0
+python benchmarks/glue.py "${common[@]}" --method ssmlora --seed 1 --lr 2e-3 --norm-eps 1e-3 --output-dir $D/eps-1e-3
+python benchmarks/glue.py "${common[@]}" --method ssmlora,lora --seed 1 --lr 1e-3 --output-dir $D/lr1e-3
+python benchmarks/glue.py "${common[@]}" --method ssmlora,lora --seed 2,3 --lr 2e-3 --output-dir $D/more-seeds
