@@ -11,3 +11,6 @@ python benchmarks/glue.py "${common[@]}" --method ssmlora --seed 1 --lr 2e-3 --s
 python benchmarks/glue.py "${common[@]}" --method ssmlora --seed 1 --lr 2e-3 --norm-eps 1e-3 --output-dir $D/eps-1e-3
 python benchmarks/glue.py "${common[@]}" --method ssmlora,lora --seed 1 --lr 1e-3 --output-dir $D/lr1e-3
 python benchmarks/glue.py "${common[@]}" --method ssmlora,lora --seed 2,3 --lr 2e-3 --output-dir $D/more-seeds
+# Follow-ups: state dropout 0 on the other failing seed; the failing baseline run repeated (is it reproducible?).
+python benchmarks/glue.py "${common[@]}" --method ssmlora --seed 2 --lr 2e-3 --state-dropout 0 --output-dir $D/state-dropout-0
+python benchmarks/glue.py "${common[@]}" --method ssmlora --seed 1 --lr 2e-3 --output-dir $D/repeat-seed1
