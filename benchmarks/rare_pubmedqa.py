@@ -12,7 +12,8 @@ split, in the settings of the RARE paper (Wang et al., arXiv 2503.23513):
 
 Knowledge base: all 3358 abstract passages of PQA-L, BM25 (``rare_data.BM25Retriever``), top k = 3. The response
 to learn is the abstract's conclusion (``LONG_ANSWER``, a human rationale) and the answer tag, in the order
-``--response-format`` says. Training is the standard ``transformers.Trainer`` fed raw records through
+``--response-format`` says (``answer-only``, no rationale at all, is a diagnostic: it puts the whole loss on the
+answer token). Training is the standard ``transformers.Trainer`` fed raw records through
 ``rare_data.RAREDataCollator``.
 
 Evaluation (``--eval``):
@@ -64,7 +65,8 @@ from rare_data import (
 
 ANSWERS = ("yes", "no", "maybe")
 METHODS = ("ssmlora", "lora", "full")
-FORMATS = ("rationale-answer", "answer-rationale")
+# answer-only is a diagnostic (not RARE): no rationale, so the whole loss falls on the answer token.
+FORMATS = ("rationale-answer", "answer-rationale", "answer-only")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "rare_pubmedqa"
 
@@ -96,17 +98,26 @@ ANSWER_FIRST = PromptTemplate(
                              "no or maybe, inside <answer></answer>, then explain it."),
 )
 
+ANSWER_ONLY = PromptTemplate(
+    instruction=("Answer the biomedical research question using the retrieved documents. Give the answer, one of "
+                 "yes, no or maybe, inside <answer></answer>."),
+    closed_book_instruction=("Answer the biomedical research question. Give the answer, one of yes, no or maybe, "
+                             "inside <answer></answer>."),
+)
+
 
 # ---- data ------------------------------------------------------------------------------------------------------
 def response_text(long_answer: str, answer: str, response_format: str) -> str:
     """The response to learn: the human rationale (LONG_ANSWER) and the answer tag, in the chosen order."""
     tag = f"<answer>{answer}</answer>"
     rationale = long_answer.strip()
+    if response_format == "answer-only":
+        return tag
     return f"{rationale}\n{tag}" if response_format == "rationale-answer" else f"{tag}\n{rationale}"
 
 
 def template_for(response_format: str):
-    return "yes_no_maybe" if response_format == "rationale-answer" else ANSWER_FIRST
+    return {"rationale-answer": "yes_no_maybe", "answer-rationale": ANSWER_FIRST}.get(response_format, ANSWER_ONLY)
 
 
 def subsample(dataset, n: int | None, seed: int):
@@ -428,8 +439,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [s for s in args.settings if s not in SETTINGS]
     if unknown:
         p.error(f"unknown settings {unknown}: choose from {list(SETTINGS)}")
-    if args.eval == "scored" and args.response_format != "answer-rationale":
-        p.error("--eval scored reads the answer at the start of the response: use --response-format answer-rationale")
+    if args.eval == "scored" and args.response_format == "rationale-answer":
+        p.error("--eval scored reads the answer at the start of the response: use --response-format answer-rationale "
+                "(or the answer-only diagnostic)")
     if args.lr is None:
         args.lr = 2e-5 if args.method == "full" else 1e-3
     if args.num_distractors >= args.k:

@@ -164,8 +164,8 @@ def test_prompts_and_loss_masks(pieces, setting, response_format):
     example = dict(data.train[0])
     example["response"] = rp.response_text(example["long_answer"], example["answer"], response_format)
     tag = f"<answer>{example['answer']}</answer>"
-    assert (example["response"].startswith(tag) if response_format == "answer-rationale"
-            else example["response"].endswith(tag))
+    assert {"answer-rationale": example["response"].startswith(tag), "rationale-answer":
+            example["response"].endswith(tag), "answer-only": example["response"] == tag}[response_format]
     encoded = collator.encode(example)
     prompt = tokenizer.decode(encoded.input_ids[:encoded.prompt_length])
     completion_ids = encoded.input_ids[encoded.prompt_length:]
@@ -178,6 +178,7 @@ def test_prompts_and_loss_masks(pieces, setting, response_format):
     assert prompt.rstrip().endswith("<|start_header_id|>assistant<|end_header_id|>")
     assert f"# Question\n{example['question']}" in prompt
     assert ("First give the final answer" in prompt) == (response_format == "answer-rationale")
+    assert ("then give the final answer" in prompt) == (response_format == "rationale-answer")
     gold = list(example["gold_passage_ids"])
     if setting == "closed_book":
         assert encoded.passage_ids == [] and "# Retrieved Documents" not in prompt
