@@ -401,6 +401,8 @@ def main(argv=None) -> int:
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / f"bench_step_{tag}.csv"
+    csv_path.unlink(missing_ok=True)
     rows = []
     compiled_cache: dict = {}
     torch.manual_seed(0)
@@ -426,6 +428,12 @@ def main(argv=None) -> int:
                                 "saved_mb": "" if math.isnan(saved) else round(saved, 1),
                             }  # fmt: skip
                             rows.append(row)
+                            # Appended row by row, so that a run cut off by a time limit keeps what it measured.
+                            with open(csv_path, "a", newline="") as f:
+                                w = csv.DictWriter(f, fieldnames=list(row))
+                                if len(rows) == 1:
+                                    w.writeheader()
+                                w.writerow(row)
                             print(
                                 f"{kind:5s} {provider:9s} {mode:8s} tokens={n_tok:6d} d={d:5d} r={r:3d}: "
                                 f"{timing.median:9.3f} ms [{timing.p20:.3f}, {timing.p80:.3f}]"
@@ -434,11 +442,6 @@ def main(argv=None) -> int:
                             )
                 del x, state
 
-    csv_path = out_dir / f"bench_step_{tag}.csv"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
     md_path = out_dir / f"bench_step_{tag}.md"
     md_path.write_text(_markdown(rows, name, args, interp and args.smoke))
     print(f"wrote {csv_path} and {md_path}")
