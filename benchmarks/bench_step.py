@@ -84,10 +84,10 @@ def lora_update(x, base_out, A_w, B_w):
 class SSMLoRABenchLayer(nn.Module):
     """A frozen `nn.Linear` plus one SSMLoRA adapter, mid-chain (fixed incoming state), with a chosen step impl."""
 
-    def __init__(self, base: nn.Linear, r: int, impl: str, p: float, state: torch.Tensor):
+    def __init__(self, base: nn.Linear, r: int, impl: str, p: float, state: torch.Tensor, adapter_dtype):
         super().__init__()
         self.base = base
-        dev, dt = base.weight.device, base.weight.dtype
+        dev, dt = base.weight.device, adapter_dtype
         d_out, d_in = base.weight.shape
         self.A = nn.Parameter(torch.randn(r, d_in, device=dev, dtype=dt) * r**-0.5)
         # Non-zero B, C, D (as after some training) so that no path is trivially zero.
@@ -110,12 +110,19 @@ class SSMLoRABenchLayer(nn.Module):
         return y
 
 
-def peft_lora_layer(base: nn.Linear, r: int, p: float) -> nn.Module:
-    """peft's LoRA `Linear` around `base` (built through `get_peft_model`, so exactly what users get)."""
+def peft_lora_layer(base: nn.Linear, r: int, p: float, adapter_dtype) -> nn.Module:
+    """peft's LoRA `Linear` around `base`, built through `get_peft_model` as users build it.
+
+    `get_peft_model` upcasts 16-bit adapter weights to float32 by default (`autocast_adapter_dtype=True`, so LoRA
+    then runs its matmuls in float32); with `adapter_dtype` equal to the model's dtype that upcast is switched off.
+    """
     from peft import LoraConfig, get_peft_model
 
     wrapper = nn.Sequential(base)
-    model = get_peft_model(wrapper, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["0"]))
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["0"])
+    upcast = adapter_dtype == torch.float32 and base.weight.dtype != torch.float32
+    model = get_peft_model(wrapper, config, autocast_adapter_dtype=upcast)
+    assert model.base_model.model[0].lora_A["default"].weight.dtype == adapter_dtype
     layer = model.base_model.model[0]
     nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
     return layer.train()
@@ -184,18 +191,18 @@ def _memory(run_forward, grads, device) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def check_triton(d: int, r: int, tokens: int, dtype: torch.dtype, device: torch.device, p: float) -> str | None:
+def check_triton(d: int, r: int, tokens: int, dtype, wdt, device: torch.device, p: float) -> str | None:
     """Compare the Triton step with the float32 reference on the same values; returns an error string or None."""
     from ssmlora_kernels.triton_step import ssmlora_dropout_mask, ssmlora_step_triton
 
     g = torch.Generator(device="cpu").manual_seed(0)
 
-    def rnd(*s, std=1.0):
-        return (torch.randn(*s, generator=g) * std).to(device=device, dtype=dtype)
+    def rnd(*s, std=1.0, dt=dtype):
+        return (torch.randn(*s, generator=g) * std).to(device=device, dtype=dt)
 
     t = {
-        "x": rnd(tokens, d), "base": rnd(tokens, d), "A": rnd(r, d, std=d**-0.5), "B": rnd(d, r, std=r**-0.5),
-        "C": rnd(r, r, std=r**-0.5), "D": rnd(r, r, std=r**-0.5),
+        "x": rnd(tokens, d), "base": rnd(tokens, d), "A": rnd(r, d, std=d**-0.5, dt=wdt),
+        "B": rnd(d, r, std=r**-0.5, dt=wdt), "C": rnd(r, r, std=r**-0.5, dt=wdt), "D": rnd(r, r, std=r**-0.5, dt=wdt),
     }  # fmt: skip
     state = torch.rand(tokens, r, generator=g).to(device)
     G = rnd(tokens, d)
@@ -252,15 +259,15 @@ def _providers(kind: str, device: torch.device, use_triton: bool, use_compile: b
     return [n for n in names if (n != "triton" or use_triton) and (n != "compile" or use_compile)]
 
 
-def _build(kind, provider, x, d, r, dtype, device, p, state, compiled_cache):
+def _build(kind, provider, x, d, r, dtype, wdt, device, p, state, compiled_cache):
     """Returns (forward() -> (out, grad), params needing .grad reset)."""
     g_out = torch.randn(x.shape[0], d, device=device, dtype=dtype)
     if kind == "step":
         base_out = torch.randn(x.shape[0], d, device=device, dtype=dtype)
-        A = torch.randn(r, d, device=device, dtype=dtype) * r**-0.5
-        B = torch.randn(d, r, device=device, dtype=dtype) * 0.02
-        C = torch.randn(r, r, device=device, dtype=dtype) * 0.1
-        D = torch.randn(r, r, device=device, dtype=dtype) * 0.1
+        A = torch.randn(r, d, device=device, dtype=wdt) * r**-0.5
+        B = torch.randn(d, r, device=device, dtype=wdt) * 0.02
+        C = torch.randn(r, r, device=device, dtype=wdt) * 0.1
+        D = torch.randn(r, r, device=device, dtype=wdt) * 0.1
         params = [t.requires_grad_(True) for t in (A, B, C, D)]
         if provider == "eager":
             return (lambda: (reference_step(x, base_out, state, A, B, C, D, p)[0], g_out)), [x, *params]
@@ -288,14 +295,14 @@ def _build(kind, provider, x, d, r, dtype, device, p, state, compiled_cache):
     base = nn.Linear(d, d, device=device, dtype=dtype).requires_grad_(False)
     if provider in ("eager", "compile", "triton"):
         impl = "triton" if provider == "triton" else "eager"
-        layer = SSMLoRABenchLayer(base, r, impl, p, state)
+        layer = SSMLoRABenchLayer(base, r, impl, p, state, wdt)
         params = [layer.A, layer.B, layer.C, layer.D]
         if provider == "compile":
             fn = compiled_cache.setdefault("layer", torch.compile(reference_layer, dynamic=True))
             A, B, C, D = params
             return (lambda: (fn(x, base.weight, base.bias, state, A, B, C, D, p), g_out)), [x, *params]
     elif provider.startswith("lora_p"):
-        layer = peft_lora_layer(base, r, float(provider[len("lora_p") :]))
+        layer = peft_lora_layer(base, r, float(provider[len("lora_p") :]), wdt)
         params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
     elif provider == "linear":
         layer, params = base, []
@@ -304,8 +311,8 @@ def _build(kind, provider, x, d, r, dtype, device, p, state, compiled_cache):
     return (lambda: (layer(x), g_out)), [x, *params]
 
 
-def bench_one(kind, provider, mode, x, d, r, dtype, device, p, state, args, compiled_cache):
-    run_forward, grads = _build(kind, provider, x, d, r, dtype, device, p, state, compiled_cache)
+def bench_one(kind, provider, mode, x, d, r, dtype, wdt, device, p, state, args, compiled_cache):
+    run_forward, grads = _build(kind, provider, x, d, r, dtype, wdt, device, p, state, compiled_cache)
     if mode == "forward":
         fn = run_forward
     elif mode == "full":
@@ -339,6 +346,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="GPU: only d=4096, r=16 (the target shape)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, every provider, for checking the script")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    ap.add_argument(
+        "--adapter-dtype",
+        default="model",
+        choices=["model", "float32"],
+        help="adapter weights of every method in the model's dtype (peft's autocast_adapter_dtype=False), or in "
+        "float32 (get_peft_model's default upcast on 16-bit models)",
+    )
     ap.add_argument("--dims", type=int, nargs="*", default=None)
     ap.add_argument("--ranks", type=int, nargs="*", default=None)
     ap.add_argument("--tokens", type=int, nargs="*", default=None)
@@ -377,13 +391,16 @@ def main(argv=None) -> int:
     dims, ranks, tokens = args.dims or dims, args.ranks or ranks, args.tokens or tokens
     if args.dtype:
         dtype = getattr(torch, args.dtype)
+    # Adapter weights: in the model's dtype, or float32 as `get_peft_model` leaves them by default on 16-bit models.
+    wdt = torch.float32 if args.adapter_dtype == "float32" else dtype
     # The Triton path runs on GPUs; on CPU only under the interpreter (`--smoke`), where its timings mean nothing.
     use_triton = gpu or (interp and args.smoke)
     use_compile = not args.no_compile
     name = _device_name(device) + (f", {args.label}" if args.label else "")
     tag = args.tag or ("smoke" if args.smoke else (name.replace(" ", "-").lower() if gpu else "cpu"))
     print(
-        f"device: {name}; dtype {dtype}; dims {dims}; ranks {ranks}; tokens {tokens}; state dropout {args.state_dropout}"
+        f"device: {name}; dtype {dtype}; adapter weights {wdt}; dims {dims}; ranks {ranks}; tokens {tokens}; "
+        f"state dropout {args.state_dropout}"
     )
 
     exit_code = 0
@@ -391,7 +408,7 @@ def main(argv=None) -> int:
         failures = []
         for d in dims:
             for r in ranks:
-                err = check_triton(d, r, min(tokens), dtype, device, args.state_dropout)
+                err = check_triton(d, r, min(tokens), dtype, wdt, device, args.state_dropout)
                 print(f"correctness d={d} r={r}: {'OK' if err is None else 'FAILED: ' + err}")
                 if err:
                     failures.append(err)
@@ -415,12 +432,13 @@ def main(argv=None) -> int:
                     for provider in _providers(kind, device, use_triton, use_compile):
                         for mode in args.modes:
                             timing, peak, saved = bench_one(
-                                kind, provider, mode, x, d, r, dtype, device, args.state_dropout, state, args,
+                                kind, provider, mode, x, d, r, dtype, wdt, device, args.state_dropout, state, args,
                                 compiled_cache,
                             )  # fmt: skip
                             row = {
                                 "device": name, "kind": kind, "provider": provider, "mode": mode,
-                                "dtype": str(dtype).replace("torch.", ""), "tokens": n_tok, "d_in": d, "d_out": d,
+                                "dtype": str(dtype).replace("torch.", ""),
+                                "adapter_dtype": str(wdt).replace("torch.", ""), "tokens": n_tok, "d_in": d, "d_out": d,
                                 "r": r, "state_dropout": args.state_dropout if provider in ("eager", "compile", "triton") else "",
                                 "median_ms": round(timing.median, 4), "p20_ms": round(timing.p20, 4),
                                 "p80_ms": round(timing.p80, 4),
@@ -453,7 +471,7 @@ def _markdown(rows, name, args, interp) -> str:
         f"# SSMLoRA step benchmark: {name}",
         "",
         f"Command: `python benchmarks/bench_step.py {' '.join(sys.argv[1:])}`; torch {torch.__version__}. "
-        f"SSMLoRA state dropout {args.state_dropout}. Times: median ms [p20, p80]; `a/b` columns are ratios of "
+        f"SSMLoRA state dropout {args.state_dropout}; adapter weights (both methods): {args.adapter_dtype}. Times: median ms [p20, p80]; `a/b` columns are ratios of "
         "medians (> 1: b is faster).",
     ]
     if not name.startswith(("NVIDIA", "AMD")) and hasattr(os, "getloadavg"):

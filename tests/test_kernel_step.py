@@ -243,6 +243,7 @@ def test_ties_route_gradient_to_first_argmin_and_argmax(detach):
     t["s"][:, 6] = t["s"][:, 1]
     t["D"] = D
     t = {k: v.to(DEVICE) for k, v in t.items()}
+    D = t["D"]
     z = t["s"] + t["s"] @ t["C"].T + (t["x"] @ t["A"].T) @ D.T
     lo, hi = z.min(-1, keepdim=True).values, z.max(-1, keepdim=True).values
     assert ((z == lo).sum(-1) > 1).sum() >= 5, "the data must contain tied minima"

@@ -33,6 +33,7 @@ dots made ptxas spill kilobytes per thread at r = 64). The interpreter computes 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -294,10 +295,12 @@ def _check_device(t: torch.Tensor) -> None:
     )
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+@functools.cache
+def _cuda_info(index: int) -> tuple[int, int]:
+    """(multiprocessor count, compute-capability major) of a CUDA device, cached: the query costs host time on
+    every step, and the step is launch-bound at small token counts."""
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.major
 
 
 def _block_config(M: int, K: int, r: int, device: torch.device, native_dot: bool = True) -> dict:
@@ -316,7 +319,7 @@ def _block_config(M: int, K: int, r: int, device: torch.device, native_dot: bool
     r_pad = max(16, triton.next_power_of_2(r))
     if device.type != "cuda":
         return {"BLOCK_M": 32, "BLOCK_K": 64, "R_PAD": r_pad, "num_warps": 4, "bwd_programs": 3, "DOT_PREC": "ieee"}
-    sms = _num_sms(device)
+    sms, major = _cuda_info(device.index if device.index is not None else torch.cuda.current_device())
     max_block_m = {16: 64, 32: 32}.get(r_pad, 16)
     block_m = 16
     for cand in (64, 32):
@@ -327,7 +330,7 @@ def _block_config(M: int, K: int, r: int, device: torch.device, native_dot: bool
     block_k = (128 if r_pad <= 32 else 64) if native_dot else 32
     block_k = min(block_k, max(16, triton.next_power_of_2(K)))
     num_warps = 8 if block_m * r_pad >= 1024 else 4
-    prec = "tf32x3" if torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
+    prec = "tf32x3" if major >= 8 else "ieee"
     return {
         "BLOCK_M": block_m, "BLOCK_K": block_k, "R_PAD": r_pad, "num_warps": num_warps,
         "bwd_programs": 4 * sms, "DOT_PREC": prec,
