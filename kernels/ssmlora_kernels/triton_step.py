@@ -402,9 +402,10 @@ def _ssmlora_forward(x2, base2, s2, A_w, B_w, C_w, D_w, scaling, dropout_p, eps,
 
 
 def _ssmlora_backward(
-    g2, gn2, x2, u, s2, A_w, B_w, C_w, D_w, scaling, dropout_p, leaky_slope, eps, seed, need_ds, needs
+    g2, gn2, x2, u, s2, A_w, B_w, C_w, D_w, scaling, dropout_p, leaky_slope, eps, seed, need_ds, needs, x_shape
 ):
-    """Gradients `(dx2, dA, dB, dC, dD, ds2)` from `g2 = dL/d out` (M, d_out) and `gn2 = dL/d new_state` or None.
+    """Gradients `(dx, dA, dB, dC, dD, ds2)` from `g2 = dL/d out` (M, d_out) and `gn2 = dL/d new_state` or None;
+    `dx` has `x_shape`.
 
     `needs` = (x, A, B, C, D) flags: matmuls for gradients nobody needs are skipped.
     """
@@ -442,13 +443,19 @@ def _ssmlora_backward(
         dc_part.zero_()
         dd_part.zero_()
 
-    dx2 = torch.mm(du, A_w.to(du.dtype)) if need_x else None
+    dx = None
+    if need_x:
+        # Allocated in x's shape and written through a 2-D view, never returned as a view: autograd adds the frozen
+        # layer's input gradient onto a returned gradient in place only when it is not a view (a view costs one
+        # more (tokens, d_in) buffer at the backward's peak memory).
+        dx = _alloc(x_shape, device=x2.device, dtype=du.dtype)
+        torch.mm(du, A_w.to(du.dtype), out=dx.view(M, K))
     dA = torch.mm(du.t(), x2).to(A_w.dtype) if need_a else None
     dB = torch.mm(g2.t(), vs).to(B_w.dtype) if need_b else None
     # Deterministic reduction of the per-program partials (a fixed-order sum on the device, no atomics).
     dC = dc_part.sum(0)[:r, :r].to(C_w.dtype) if need_c else None
     dD = dd_part.sum(0)[:r, :r].to(D_w.dtype) if need_d else None
-    return dx2, dA, dB, dC, dD, ds
+    return dx, dA, dB, dC, dD, ds
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -494,10 +501,10 @@ class _SSMLoRAStepFunction(torch.autograd.Function):
         need_ds = s2 is not None and ctx.needs_input_grad[2]
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:7])
         with torch.autocast(device_type=x2.device.type, enabled=False):
-            dx2, dA, dB, dC, dD, ds = _ssmlora_backward(
-                g2, gn2, x2, u, s2, A_w, B_w, C_w, D_w, scaling, dropout_p, leaky_slope, eps, seed, need_ds, needs
+            dx, dA, dB, dC, dD, ds = _ssmlora_backward(
+                g2, gn2, x2, u, s2, A_w, B_w, C_w, D_w, scaling, dropout_p, leaky_slope, eps, seed, need_ds, needs,
+                x_shape,
             )
-        dx = None if dx2 is None else dx2.view(x_shape)
         dstate = None if ds is None else ds.view(state_shape)
         # base_out's gradient is G itself (out = base_out + delta); it flows on into the frozen layer.
         return dx, grad_out, dstate, dA, dB, dC, dD, None, None, None, None, None
