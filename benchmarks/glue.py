@@ -42,12 +42,13 @@ DEFAULT_LR = {"ssmlora": 5e-4, "lora": 5e-4, "full": 2e-5, "bitfit": 5e-4}
 PRESETS = {
     # Ours: peft-LoRA-compatible scaling alpha/r for both adapters, so r=8, alpha=16 means the same scale in both.
     "default": {"rank": 8, "alpha": 16.0, "ssmlora_scaling": "rank", "epochs": 3.0, "batch_size": 16,
-                "max_length": 128, "state_dropout": 0.1, "norm_eps": 1e-8},
-    # The paper's setup: query/value interval placement (the tuner's default for BERT-like models), r=8, alpha=16
-    # and the reference code's raw-alpha scaling for SSMLoRA. Raw alpha is 8x larger than alpha/r at r=8, so it
-    # needs a smaller learning rate than the default 5e-4 (the reference code trains LLaMA2-7B at 5e-6).
+                "max_length": 128, "state_dropout": 0.1, "norm_eps": 1e-8, "ssmlora_init": "kaiming"},
+    # The paper's setup: query/value interval placement (the tuner's default for BERT-like models), r=8, alpha=16,
+    # the paper's N(0, 1/r) init of A and the reference code's raw-alpha scaling for SSMLoRA. Raw alpha is 8x
+    # larger than alpha/r at r=8, so it needs a smaller learning rate than the default 5e-4 (the reference code
+    # trains LLaMA2-7B at 5e-6).
     "paper": {"rank": 8, "alpha": 16.0, "ssmlora_scaling": "raw", "epochs": 3.0, "batch_size": 16,
-              "max_length": 128, "state_dropout": 0.1, "norm_eps": 1e-8},
+              "max_length": 128, "state_dropout": 0.1, "norm_eps": 1e-8, "ssmlora_init": "gaussian"},
 }
 
 
@@ -75,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="SSMLoRA scale: alpha/r as peft LoRA ('rank') or raw alpha as the paper's code ('raw')")
     p.add_argument("--state-dropout", type=float, default=None, help="SSMLoRA state dropout (preset: 0.1)")
     p.add_argument("--norm-eps", type=float, default=None, help="SSMLoRA min-max normalisation eps (preset: 1e-8)")
+    p.add_argument("--ssmlora-init", choices=["gaussian", "kaiming"], default=None,
+                   help="SSMLoRA's init of A: peft LoRA's kaiming-uniform or the paper's N(0, 1/r) (preset: kaiming)")
     p.add_argument("--lr", type=float, default=None, help=f"learning rate (per-method default: {DEFAULT_LR})")
     p.add_argument("--epochs", type=float, default=None, help="training epochs (preset: 3)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (preset: 16)")
@@ -138,6 +141,7 @@ def apply_method(model, method: str, args: argparse.Namespace):
         config = SSMLoRAConfig(
             r=args.rank, lora_alpha=args.alpha, scale_by_rank=args.ssmlora_scaling == "rank",
             state_dropout=args.state_dropout, norm_eps=args.norm_eps, task_type="SEQ_CLS",
+            init_weights=args.ssmlora_init,
         )
         return get_peft_model(model, config)
     if method == "lora":
@@ -191,6 +195,7 @@ def run_config(args: argparse.Namespace, method: str, seed: int) -> dict:
         cfg.update(rank=args.rank, alpha=args.alpha)
     if method == "ssmlora":
         cfg.update(ssmlora_scaling=args.ssmlora_scaling, state_dropout=args.state_dropout, norm_eps=args.norm_eps)
+        cfg.update(ssmlora_init=args.ssmlora_init)
     return cfg
 
 

@@ -155,3 +155,19 @@ def test_a_chain_module_run_out_of_order_is_an_error():
     model.base_model.chain_context.reset()
     with pytest.raises(RuntimeError, match="position 1 ran before position 0.*call the whole model"):
         value_in_layer_3(torch.randn(1, 3, 32))
+
+
+@pytest.mark.parametrize("init_weights", [True, "kaiming", "gaussian"])
+def test_init_of_a_and_zero_b_c_d(init_weights):
+    r, d_in = 8, 32  # tiny_bert's hidden size
+    model = get_peft_model(tiny_bert(), SSMLoRAConfig(r=r, init_weights=init_weights))
+    params = dict(model.named_parameters())
+    a = torch.cat([p.flatten() for n, p in params.items() if "ssmlora_A" in n])
+    if init_weights == "gaussian":  # the paper: N(0, 1/r)
+        assert abs(a.std().item() * r**0.5 - 1) < 0.15
+    else:  # peft LoRA's kaiming-uniform(a=sqrt(5)): U(-1/sqrt(d_in), 1/sqrt(d_in))
+        bound = d_in**-0.5
+        assert a.abs().max().item() <= bound
+        assert abs(a.std().item() / (bound / 3**0.5) - 1) < 0.15
+    others = [p for n, p in params.items() if any(k in n for k in ("ssmlora_B", "ssmlora_C", "ssmlora_D"))]
+    assert others and all(torch.count_nonzero(p) == 0 for p in others)

@@ -70,9 +70,10 @@ class SSMLoRAConfig(PeftConfig):
         norm_eps (`float`): epsilon in the per-token min-max normalisation.
         state_grad (`str`): `"detach"` (the paper): the state carries values along the chain but no gradient;
             `"full"`: backpropagate through the whole chain within one forward.
-        init_weights (`bool` or `str`): `"gaussian"` / `True` (default, the paper): A ~ N(0, 1/r), B = C = D = 0;
-            `"kaiming"`: A as in peft's LoRA (kaiming-uniform), B = C = D = 0; `False`: every matrix random, so a
-            fresh adapter is not a no-op (for tests only).
+        init_weights (`bool` or `str`): `True` / `"kaiming"` (default): A as in peft's LoRA (kaiming-uniform),
+            B = C = D = 0; `"gaussian"`: the paper's A ~ N(0, 1/r) (about 12x larger than kaiming's at d_in = 384,
+            r = 8; it learned SST-2 on only 2 of 4 seeds where kaiming learned on 4 of 4), B = C = D = 0; `False`:
+            every matrix random, so a fresh adapter is not a no-op (for tests only).
     """
 
     r: int = field(default=8, metadata={"help": "Rank of each SSMLoRA module (>= 1, >= 2 recommended)."})
@@ -118,7 +119,8 @@ class SSMLoRAConfig(PeftConfig):
     )
     init_weights: bool | Literal["gaussian", "kaiming"] = field(
         default=True,
-        metadata={"help": "True/'gaussian': A ~ N(0, 1/r); 'kaiming': peft LoRA's A; B = C = D = 0. False: random."},
+        metadata={"help": "True/'kaiming': peft LoRA's A; 'gaussian': the paper's A ~ N(0, 1/r); B = C = D = 0. "
+                  "False: random."},
     )
 
     def __post_init__(self):

@@ -14,3 +14,6 @@ python benchmarks/glue.py "${common[@]}" --method ssmlora,lora --seed 2,3 --lr 2
 # Follow-ups: state dropout 0 on the other failing seed; the failing baseline run repeated (is it reproducible?).
 python benchmarks/glue.py "${common[@]}" --method ssmlora --seed 2 --lr 2e-3 --state-dropout 0 --output-dir $D/state-dropout-0
 python benchmarks/glue.py "${common[@]}" --method ssmlora --seed 1 --lr 2e-3 --output-dir $D/repeat-seed1
+# A's init (the gradient-norm diagnostic, results/ssmlora_grad_norms_cpu*.md, pointed at the paper's N(0, 1/r)):
+# peft LoRA's kaiming-uniform A instead, the four seeds of grid B + more-seeds.
+python benchmarks/glue.py "${common[@]}" --method ssmlora --seed 0,1,2,3 --lr 2e-3 --ssmlora-init kaiming --output-dir $D/init-kaiming
