@@ -43,7 +43,7 @@ def throughput(fn, examples, batch_size, repeats):
     for _ in range(repeats):
         start = time.perf_counter()
         for i in range(0, len(examples), batch_size):
-            fn(examples[i : i + batch_size])
+            fn(examples[i:i + batch_size])
         best = max(best, len(examples) / (time.perf_counter() - start))
     return best
 
@@ -58,11 +58,8 @@ def loader_throughput(collator, examples, batch_size, workers):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--data-dir",
-        default=str(Path(__file__).resolve().parents[2] / "shared/data/pubmedqa"),
-        help="PubMedQA folder with ori_pqal.json and test_ground_truth.json",
-    )
+    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared/data/pubmedqa"),
+                        help="PubMedQA folder with ori_pqal.json and test_ground_truth.json")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--examples", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=3)
@@ -83,39 +80,26 @@ def main():
     pretokenised = []
     for ex in examples:
         enc = rare.encode(ex)
-        pretokenised.append(
-            {"input_ids": enc.input_ids, "attention_mask": [1] * len(enc.input_ids), "labels": enc.labels}
-        )
+        pretokenised.append({"input_ids": enc.input_ids, "attention_mask": [1] * len(enc.input_ids),
+                             "labels": enc.labels})
     seq2seq = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
-    given = [
-        dict(ex, passages=[{"id": p.id, "text": p.text} for p in hits])
-        for ex, hits in zip(examples, retriever.search([ex["question"] for ex in examples], 3))
-    ]
+    given = [dict(ex, passages=[{"id": p.id, "text": p.text} for p in hits])
+             for ex, hits in zip(examples, retriever.search([ex["question"] for ex in examples], 3))]
     tokens = sum(len(p["input_ids"]) for p in pretokenised) / len(pretokenised)
 
     rows = [
-        (
-            "DataCollatorForSeq2Seq, pre-tokenised (floor)",
-            throughput(seq2seq, pretokenised, args.batch_size, args.repeats),
-        ),
-        (
-            "BM25 search only (k=3)",
-            throughput(
-                lambda b: retriever.search([e["question"] for e in b], 3), examples, args.batch_size, args.repeats
-            ),
-        ),
+        ("DataCollatorForSeq2Seq, pre-tokenised (floor)", throughput(seq2seq, pretokenised, args.batch_size,
+                                                                     args.repeats)),
+        ("BM25 search only (k=3)", throughput(lambda b: retriever.search([e["question"] for e in b], 3), examples,
+                                              args.batch_size, args.repeats)),
         ("RAREDataCollator, passages given (no search)", throughput(rare, given, args.batch_size, args.repeats)),
         ("RAREDataCollator, BM25 k=3 (main process)", throughput(rare, examples, args.batch_size, args.repeats)),
-        (
-            f"RAREDataCollator, BM25 k=3, DataLoader {args.workers} workers",
-            loader_throughput(rare, examples, args.batch_size, args.workers),
-        ),
+        (f"RAREDataCollator, BM25 k=3, DataLoader {args.workers} workers",
+         loader_throughput(rare, examples, args.batch_size, args.workers)),
     ]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch threads 1")
-    print(
-        f"{len(examples)} PubMedQA train examples, batch {args.batch_size}, mean {tokens:.0f} tokens/example, "
-        f"SmolLM2 tokenizer, BM25 index of {len(data.passages)} passages built in {index_s:.2f} s"
-    )
+    print(f"{len(examples)} PubMedQA train examples, batch {args.batch_size}, mean {tokens:.0f} tokens/example, "
+          f"SmolLM2 tokenizer, BM25 index of {len(data.passages)} passages built in {index_s:.2f} s")
     width = max(len(name) for name, _ in rows)
     for name, rate in rows:
         print(f"{name:<{width}}  {rate:9.1f} examples/s  ({1000 * args.batch_size / rate:7.2f} ms / batch)")

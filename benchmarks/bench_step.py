@@ -471,8 +471,8 @@ def _markdown(rows, name, args, interp) -> str:
         f"# SSMLoRA step benchmark: {name}",
         "",
         f"Command: `python benchmarks/bench_step.py {' '.join(sys.argv[1:])}`; torch {torch.__version__}. "
-        f"SSMLoRA state dropout {args.state_dropout}; adapter weights (both methods): {args.adapter_dtype}. Times: median ms [p20, p80]; `a/b` columns are ratios of "
-        "medians (> 1: b is faster).",
+        f"SSMLoRA state dropout {args.state_dropout}; adapter weights (both methods): {args.adapter_dtype}. "
+        "Times: median ms [p20, p80]; `a/b` columns are ratios of medians (> 1: b is faster).",
     ]
     if not name.startswith(("NVIDIA", "AMD")) and hasattr(os, "getloadavg"):
         load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
