@@ -179,7 +179,7 @@ def model_short(model_name: str) -> str:
     return Path(model_name.rstrip("/")).name
 
 
-def wrap_for_training(model, method: str, rank: int, alpha: float):
+def wrap_for_training(model, method: str, rank: int, alpha: float, ssmlora_init: str = "kaiming"):
     """SSMLoRA or LoRA on q_proj/v_proj (peft), or full fine-tuning."""
     if method == "full":
         return model
@@ -190,7 +190,7 @@ def wrap_for_training(model, method: str, rank: int, alpha: float):
         from peft_ssmlora import SSMLoRAConfig
 
         # Llama defaults: q_proj / v_proj staggered over the layers (query in even layers, value in odd ones).
-        config = SSMLoRAConfig(r=rank, lora_alpha=alpha, task_type="CAUSAL_LM")
+        config = SSMLoRAConfig(r=rank, lora_alpha=alpha, init_weights=ssmlora_init, task_type="CAUSAL_LM")
     else:
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     return get_peft_model(model, config)
@@ -364,16 +364,27 @@ def answer_nll(outputs: list[dict]) -> float | None:
 
 
 # ---- results ---------------------------------------------------------------------------------------------------
+def method_label(run: dict) -> str:
+    if not run["trained"]:
+        return "–"
+    if run["method"] != "ssmlora":
+        return run["method"]
+    return f"ssmlora ({run['config']['ssmlora_init']} A)"
+
+
 def run_name(setting: str, args) -> str:
-    return (f"{setting}__{args.method}__{args.response_format}__{args.eval}__train{args.max_train or 'all'}"
+    name = (f"{setting}__{args.method}__{args.response_format}__{args.eval}__train{args.max_train or 'all'}"
             f"__test{args.max_test or 'all'}__lr{args.lr:g}__ep{args.epochs:g}__seed{args.seed}")
+    if args.method == "ssmlora" and SETTINGS[setting].train is not None:
+        name += f"__init-{args.ssmlora_init}"  # trained SSMLoRA rows depend on A's init (zero-shot rows do not)
+    return name
 
 
 def write_table(output_dir: Path) -> Path:
     """Markdown table of every run JSON in ``output_dir`` (rows grouped by budget, settings in paper order)."""
     runs = [json.loads(p.read_text()) for p in sorted(output_dir.glob("*.json"))]
     order = list(SETTINGS)
-    runs.sort(key=lambda r: (r["model_short"], r["method"], r["response_format"], r["eval"], r["test_examples"],
+    runs.sort(key=lambda r: (r["model_short"], r["method"], r["config"].get("ssmlora_init", ""), r["response_format"], r["eval"], r["test_examples"],
                              r["train_examples_requested"] or 0, r["config"]["lr"], r["config"]["epochs"], r["seed"],
                              order.index(r["setting"])))
     lines = ["| setting | model | method | lr | epochs | format | eval | train n | test n | accuracy | yes/no AUC | answer NLL | validity | answer mass | "
@@ -390,7 +401,7 @@ def write_table(output_dir: Path) -> Path:
         nll = "–" if nll is None else f"{nll:.3f}"
         epochs = r["config"]["epochs"] if r["trained"] else "–"
         lines.append(
-            f"| {r['setting']} | {r['model_short']} | {r['method'] if r['trained'] else '–'} "
+            f"| {r['setting']} | {r['model_short']} | {method_label(r)} "
             f"| {r['config']['lr'] if r['trained'] else '–'} | {epochs} | {r['response_format']} "
             f"| {r['eval']} | {r.get('train_examples', 0) if r['trained'] else 0} | {r['test_examples']} "
             f"| {100 * r['accuracy']:.1f} | {auc} | {nll} | {validity} | {mass} | "
@@ -412,6 +423,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                     "(default: the Hub, qiaojin/PubMedQA)")
     p.add_argument("--test-ids-file", default=None, help="with the Hub: the official test_ground_truth.json")
     p.add_argument("--method", default="ssmlora", choices=METHODS)
+    p.add_argument("--ssmlora-init", default="kaiming", choices=["kaiming", "gaussian"],
+                   help="SSMLoRA's init of A: peft LoRA's kaiming-uniform or the paper's N(0, 1/r)")
     p.add_argument("--response-format", default="answer-rationale", choices=FORMATS)
     p.add_argument("--eval", default="scored", choices=["scored", "generate"])
     p.add_argument("--max-train", type=int, default=None, help="random subset of the 500 training questions")
@@ -481,7 +494,7 @@ def main(argv=None) -> list[dict]:
         setting = SETTINGS[setting_name]
         if setting.train not in trained:
             set_seed(args.seed)  # the adapter's random init must not depend on which settings ran before
-            model = wrap_for_training(copy.deepcopy(base), args.method, args.rank, args.alpha)
+            model = wrap_for_training(copy.deepcopy(base), args.method, args.rank, args.alpha, args.ssmlora_init)
             n_trainable = count_trainable(model)
             print(f"[{setting_name}] training ({setting.train}, {args.method}, {n_trainable} trainable)", flush=True)
             stats = train(model, tokenizer, retriever, train_set, args, setting.train)
