@@ -12,16 +12,18 @@ set -euo pipefail
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 DATA=${DATA:-../shared/data/glue}
 LR=${LR:-2e-3}
+INIT=${INIT:-kaiming}  # SSMLoRA's A: kaiming (the tuner's default) or gaussian (the paper's; grids A-C)
 OUT=${OUT:-benchmarks/results/glue/lr$LR}
 declare -A TRAIN=([sst2]=${N_SST2:-800} [cola]=${N_COLA:-800} [mrpc]=${N_MRPC:-600} [rte]=${N_RTE:-400})
 for seed in ${SEEDS:-0 1}; do
   for task in sst2 cola mrpc rte; do
     python benchmarks/glue.py --task "$task" --method lora,ssmlora --seed "$seed" --data-dir "$DATA" \
-      --rank 8 --alpha 16 --lr "$LR" --epochs 1 --batch-size 8 --max-length 128 \
+      --rank 8 --alpha 16 --lr "$LR" --epochs 1 --batch-size 8 --max-length 128 --ssmlora-init "$INIT" \
       --max-train-samples "${TRAIN[$task]}" --output-dir "$OUT"
   done
 done
 for task in mrpc sst2; do
   python benchmarks/glue.py --task "$task" --method lora,ssmlora --data-dir "$DATA" --rank 8 --alpha 16 \
-    --batch-size 8 --max-length 128 --max-train-samples 400 --throughput-steps 30 --output-dir "$OUT"
+    --batch-size 8 --max-length 128 --ssmlora-init "$INIT" --max-train-samples 400 --throughput-steps 30 \
+    --output-dir "$OUT"
 done
