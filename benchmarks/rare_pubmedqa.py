@@ -384,9 +384,9 @@ def write_table(output_dir: Path) -> Path:
     """Markdown table of every run JSON in ``output_dir`` (rows grouped by budget, settings in paper order)."""
     runs = [json.loads(p.read_text()) for p in sorted(output_dir.glob("*.json"))]
     order = list(SETTINGS)
-    runs.sort(key=lambda r: (r["model_short"], r["method"], r["config"].get("ssmlora_init", ""), r["response_format"], r["eval"], r["test_examples"],
-                             r["train_examples_requested"] or 0, r["config"]["lr"], r["config"]["epochs"], r["seed"],
-                             order.index(r["setting"])))
+    runs.sort(key=lambda r: (r["model_short"], r["method"], r["config"].get("ssmlora_init", ""), r["response_format"],
+                             r["eval"], r["test_examples"], r["train_examples_requested"] or 0, r["config"]["lr"],
+                             r["config"]["epochs"], r["seed"], order.index(r["setting"])))
     lines = ["| setting | model | method | lr | epochs | format | eval | train n | test n | accuracy | yes/no AUC | answer NLL | validity | answer mass | "
              "predicted yes/no/maybe | tokens/ex (train / test) | gold shown at test | wall s (train + eval) |",
              "|" + "---|" * 18]
