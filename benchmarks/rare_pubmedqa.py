@@ -179,7 +179,7 @@ def model_short(model_name: str) -> str:
     return Path(model_name.rstrip("/")).name
 
 
-def wrap_for_training(model, method: str, rank: int, alpha: float, ssmlora_init: str = "kaiming"):
+def wrap_for_training(model, method: str, rank: int, alpha: float, ssmlora_init: str):
     """SSMLoRA or LoRA on q_proj/v_proj (peft), or full fine-tuning."""
     if method == "full":
         return model

@@ -29,20 +29,23 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from peft_ssmlora import SSMLoRAConfig
 
+
+def ssmlora(init_weights: str = "gaussian", **overrides) -> SSMLoRAConfig:
+    """The measured SSMLoRA variants: the paper's A ~ N(0, 1/r) (the tuner's default when these rows were
+    measured), unless the variant's name says kaiming."""
+    return SSMLoRAConfig(r=8, lora_alpha=16, task_type="SEQ_CLS", init_weights=init_weights, **overrides)
+
+
 VARIANTS = {
     "lora q+v every layer": lambda: LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, task_type="SEQ_CLS",
                                                target_modules=["query", "value"]),
     "lora, ssmlora placement": lambda: LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.1, task_type="SEQ_CLS",
         target_modules=r".*layer\.(\d*[02468])\.attention\.self\.query|.*layer\.(\d*[13579])\.attention\.self\.value"),
-    # The paper's A ~ N(0, 1/r) (the tuner's default when these rows were measured), unless the name says kaiming.
-    "ssmlora eps=1e-8": lambda: SSMLoRAConfig(r=8, lora_alpha=16, task_type="SEQ_CLS", init_weights="gaussian"),
-    "ssmlora eps=1e-8, no clipping": lambda: SSMLoRAConfig(r=8, lora_alpha=16, task_type="SEQ_CLS",
-                                                           init_weights="gaussian"),
-    "ssmlora eps=1e-3": lambda: SSMLoRAConfig(r=8, lora_alpha=16, task_type="SEQ_CLS", norm_eps=1e-3,
-                                              init_weights="gaussian"),
-    "ssmlora eps=1e-8, kaiming A": lambda: SSMLoRAConfig(r=8, lora_alpha=16, task_type="SEQ_CLS",
-                                                         init_weights="kaiming"),
+    "ssmlora eps=1e-8": lambda: ssmlora(),
+    "ssmlora eps=1e-8, no clipping": lambda: ssmlora(),
+    "ssmlora eps=1e-3": lambda: ssmlora(norm_eps=1e-3),
+    "ssmlora eps=1e-8, kaiming A": lambda: ssmlora("kaiming"),
 }
 
 
