@@ -201,21 +201,28 @@ def share_frozen_copy(model):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def device_name() -> str:
+def _is_cuda(device) -> bool:
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
+    if device is None:
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda"
+
+
+def device_name(device=None) -> str:
+    """The GPU's name, or `CPU <processor>`; `device=None`: the GPU when there is one."""
+    import torch
+
+    if _is_cuda(device):
+        return torch.cuda.get_device_name(torch.device(device) if device is not None else 0)
     return f"CPU {platform.processor() or platform.machine()}"
 
 
-def device_tag() -> str:
-    """`cpu`, or the GPU's name as a folder name (`nvidia-h100-80gb-hbm3`)."""
-    import torch
-
-    if not torch.cuda.is_available():
+def device_tag(device=None) -> str:
+    """`cpu`, or the GPU's name as a folder name (`nvidia-h100-80gb-hbm3`); `device=None`: the GPU if any."""
+    if not _is_cuda(device):
         return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
 
 
 def host_info() -> dict[str, Any]:
@@ -242,12 +249,19 @@ def markdown_table(header: list[str], rows: Iterable[Iterable[Any]], align: list
     return "\n".join(lines)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write `text` to a temp file beside `path`, then rename it over `path` (atomic on POSIX)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it a normal file's mode
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
