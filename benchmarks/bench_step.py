@@ -39,7 +39,6 @@ of the tag's JSONs, `bench_step_<tag>.csv` (long form: one row per kind/provider
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import math
@@ -64,9 +63,9 @@ from benchmarks.common import (
     host_info,
     positive_int,
     run_identity,
+    ssmlora_impl,
     write_text_atomic,
 )
-from peft_ssmlora.step import IMPL_ENV_VAR
 from ssmlora_kernels.reference import ssmlora_step_reference
 
 SCALING = 2.0
@@ -141,21 +140,6 @@ def adapted_layer(method: str, d: int, r: int, p: float, x: torch.Tensor, adapte
     model.train()
     model(x.detach())  # the chain context now holds the state position 0 wrote
     return layer
-
-
-@contextlib.contextmanager
-def step_impl(impl: str | None):
-    """`PEFT_SSMLORA_IMPL=impl` while one provider is measured (None: leave the environment alone)."""
-    old = os.environ.get(IMPL_ENV_VAR)
-    if impl is not None:
-        os.environ[IMPL_ENV_VAR] = impl
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(IMPL_ENV_VAR, None)
-        else:
-            os.environ[IMPL_ENV_VAR] = old
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -347,7 +331,7 @@ LAYER_IMPL = {"eager": "torch", "compile": "torch", "triton": "triton"}
 
 
 def bench_one(kind, provider, mode, x, d, r, dtype, wdt, device, p, state, args, compiled_cache):
-    with step_impl(LAYER_IMPL.get(provider) if kind == "layer" else None):
+    with ssmlora_impl(LAYER_IMPL.get(provider) if kind == "layer" else None):
         return _bench_one(kind, provider, mode, x, d, r, dtype, wdt, device, p, state, args, compiled_cache)
 
 

@@ -12,6 +12,8 @@ Adapters (peft)
     `adapter_config(method, r=, alpha=, task_type=, **options)`   options go to the method's config class
     `add_adapter(model, method, r=, alpha=, task_type=, **options)`   `get_peft_model` with that config
     `count_parameters(model)`   trainable parameters as {"adapter", "head", "total"}
+    `share_frozen_copy(model)`  a copy sharing every weight tensor (several adapters on one frozen base in memory)
+    `ssmlora_impl("torch" | "triton")`   context manager setting PEFT_SSMLORA_IMPL
 
 Host and tables
     `host_info()`               python, torch, platform, CPUs, threads, device, load average (stored with results)
@@ -24,7 +26,8 @@ Run store (resume only what is identical)
     i.e. every argument, the model id, size + sha256 of every data file read, the package versions and the git
     commit. `store = RunStore(folder)`; `store.needs_run(name, identity)` is False only when `<name>.json` holds
     a result with the same identity (it says why otherwise: missing, changed keys, written before identities,
-    corrupt); `store.save(name, result, identity)` writes atomically; `store.load()` returns every readable
+    corrupt); `store.save(name, result, identity)` writes atomically; `store.get(name)` reads one result;
+    `store.load()` returns every readable
     result (old JSONs without an identity included) and reports each corrupt file by name instead of failing.
 
 Argument checks
@@ -34,6 +37,7 @@ Argument checks
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import hashlib
@@ -167,6 +171,23 @@ def add_adapter(model, method: str, *, r: int, alpha: float, task_type: str | No
 
     config = adapter_config(method, r=r, alpha=alpha, task_type=task_type, **options)
     return get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+@contextlib.contextmanager
+def ssmlora_impl(impl: str | None):
+    """`PEFT_SSMLORA_IMPL=impl` ("torch" / "triton") inside the block; None leaves the environment alone."""
+    from peft_ssmlora.step import IMPL_ENV_VAR
+
+    old = os.environ.get(IMPL_ENV_VAR)
+    if impl is not None:
+        os.environ[IMPL_ENV_VAR] = impl
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(IMPL_ENV_VAR, None)
+        else:
+            os.environ[IMPL_ENV_VAR] = old
 
 
 def is_head_parameter(name: str) -> bool:
@@ -400,12 +421,17 @@ class RunStore:
             return None
         return data
 
+    def get(self, name: str) -> dict | None:
+        """The stored result `name`, or None when it is missing or unreadable (reported by name)."""
+        path = self.path(name)
+        return self._read(path) if path.exists() else None
+
     def status(self, name: str, identity: dict) -> tuple[str, str]:
         """(`done` | `missing` | `changed` | `legacy` | `corrupt`, explanation)."""
         path = self.path(name)
         if not path.exists():
             return "missing", "no result yet"
-        data = self._read(path)
+        data = self.get(name)
         if data is None:
             return "corrupt", f"{path.name} is not readable JSON"
         stored = data.get(IDENTITY_KEY)

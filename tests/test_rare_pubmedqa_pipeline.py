@@ -295,3 +295,18 @@ def test_smollm2_answers_are_single_tokens_after_the_tag():
 
     scorer = rp.AnswerScorer(smollm2_tokenizer())
     assert scorer.fast
+
+
+def test_collator_benchmark_smoke(pubmedqa_dir, tiny_llama_dir, tmp_path, capsys):
+    """`benchmarks/bench_collator.py` end to end on the toy questions: every configuration measured, stored, and
+    skipped when rerun with the same identity."""
+    import benchmarks.bench_collator as bench_collator
+
+    argv = ["--data-dir", str(pubmedqa_dir), "--model", str(tiny_llama_dir), "--examples", "4", "--batch-size", "2",
+            "--repeats", "1", "--workers", "0", "--max-length", "512", "--out-dir", str(tmp_path)]
+    result = bench_collator.main(argv)
+    assert len(result["rows"]) == 5 and all(r["examples_per_s"] > 0 for r in result["rows"])
+    assert "| RAREDataCollator, BM25 k=3 (main process) |" in (tmp_path / "bench_collator.md").read_text()
+    capsys.readouterr()
+    assert bench_collator.main(argv)["rows"] == result["rows"]
+    assert "skip bench_collator: identical run already stored" in capsys.readouterr().err
