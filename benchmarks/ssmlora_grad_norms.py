@@ -113,15 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=positive_float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=positive_int, default=1)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of the variants to run")
     parser.add_argument("--out-dir", default=None, help="default: benchmarks/results/grad_norms/<device>")
     parser.add_argument("--force", action="store_true", help="run again even when stored with this identity")
-    args = parser.parse_args(argv)
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> list[dict]:
@@ -139,7 +133,7 @@ def main(argv=None) -> list[dict]:
         order = np.random.default_rng(args.seed).permutation(len(train))[: args.steps * args.batch_size]
         texts = [train[int(i)]["text_a"] for i in order]
         labels = torch.tensor([train[int(i)]["label"] for i in order])
-        rows = [run(variant, model_path, tokenizer, texts, labels, args) for variant in args.variants]
+        rows = [run(variant, model_path, tokenizer, texts, labels, args) for variant in VARIANTS]
         store.save(name, {"rows": rows, "host": host_info()}, identity)
     rows = store.get(name)["rows"]
     header = list(rows[0])
