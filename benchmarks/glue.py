@@ -174,9 +174,7 @@ def apply_method(model, method: str, args: argparse.Namespace):
         from peft import LoraConfig, get_peft_model
 
         # target_modules=None: peft's default for the family (query and value in every layer for BERT/RoBERTa).
-        # lora-half keeps alpha/r: at half the rank it has the same scale as lora, only half the parameters.
-        rank = args.rank // 2 if method == "lora-half" else args.rank
-        alpha = args.alpha / 2 if method == "lora-half" else args.alpha
+        rank, alpha = method_rank_alpha(args, method)
         targets = ssmlora_module_names(model, args) if method == "lora-sparse" else None
         config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.1, task_type="SEQ_CLS", target_modules=targets)
         return get_peft_model(model, config)
@@ -238,13 +236,19 @@ def run_config(args: argparse.Namespace, method: str, seed: int) -> dict:
     if args.holdout_fraction is not None:  # only then, so that the JSONs of earlier grids still match on resume
         cfg["holdout_fraction"] = args.holdout_fraction
     if method in ADAPTER_METHODS:
-        cfg.update(rank=args.rank // 2 if method == "lora-half" else args.rank, alpha=args.alpha)
-        if method == "lora-half":
-            cfg["alpha"] = args.alpha / 2
+        rank, alpha = method_rank_alpha(args, method)
+        cfg.update(rank=rank, alpha=alpha)
     if method == "ssmlora":
         cfg.update(ssmlora_scaling=args.ssmlora_scaling, state_dropout=args.state_dropout, norm_eps=args.norm_eps)
         cfg.update(ssmlora_init=args.ssmlora_init)
     return cfg
+
+
+def method_rank_alpha(args: argparse.Namespace, method: str) -> tuple[int, float]:
+    # lora-half keeps alpha/r: at half the rank it has lora's scale, only half the parameters.
+    if method == "lora-half":
+        return args.rank // 2, args.alpha / 2
+    return args.rank, args.alpha
 
 
 def method_lr(args: argparse.Namespace, method: str) -> float:
@@ -324,7 +328,7 @@ def run_one(args, method: str, seed: int, tokenizer, train, devs, n_train_full: 
     base_params = sum(p.numel() for p in model.parameters())
     model = apply_method(model, method, args)
     params = count_parameters(model)
-    print(f"[{run_name(task.name, method, args.rank, seed)}] trainable: adapter {params['adapter']:,}, "
+    print(f"[{run_name(task.name, method, method_rank_alpha(args, method)[0], seed)}] trainable: adapter {params['adapter']:,}, "
           f"head {params['head']:,} (base model {base_params:,})", flush=True)
 
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
@@ -626,7 +630,8 @@ def main(argv=None) -> int:
     for method in args.methods:
         for seed in args.seeds:
             lr_in_name = method_lr(args, method) if args.holdout_fraction is not None else None
-            path = output_dir / f"{run_name(task.name, method, args.rank, seed, lr_in_name)}.json"
+            rank = method_rank_alpha(args, method)[0]
+            path = output_dir / f"{run_name(task.name, method, rank, seed, lr_in_name)}.json"
             if path.exists():
                 old = json.loads(path.read_text()).get("config", {})
                 if old != run_config(args, method, seed):
