@@ -157,9 +157,7 @@ def apply_method(model, method: str, args: argparse.Namespace):
                            norm_eps=args.norm_eps, init_weights=args.ssmlora_init)
     if method in LORA_METHODS:
         # target_modules=None: peft's default for the family (query and value in every layer for BERT/RoBERTa).
-        # lora-half keeps alpha/r: at half the rank it has the same scale as lora, only half the parameters.
-        rank = args.rank // 2 if method == "lora-half" else args.rank
-        alpha = args.alpha / 2 if method == "lora-half" else args.alpha
+        rank, alpha = method_rank_alpha(args, method)
         targets = ssmlora_module_names(model, args) if method == "lora-sparse" else None
         return add_adapter(model, "lora", r=rank, alpha=alpha, task_type="SEQ_CLS", lora_dropout=0.1,
                            target_modules=targets)
@@ -209,13 +207,19 @@ def run_config(args: argparse.Namespace, method: str, seed: int) -> dict:
     if args.holdout_fraction is not None:  # only then, so that the JSONs of earlier grids still match on resume
         cfg["holdout_fraction"] = args.holdout_fraction
     if method in ADAPTER_METHODS:
-        cfg.update(rank=args.rank // 2 if method == "lora-half" else args.rank, alpha=args.alpha)
-        if method == "lora-half":
-            cfg["alpha"] = args.alpha / 2
+        rank, alpha = method_rank_alpha(args, method)
+        cfg.update(rank=rank, alpha=alpha)
     if method == "ssmlora":
         cfg.update(ssmlora_scaling=args.ssmlora_scaling, state_dropout=args.state_dropout, norm_eps=args.norm_eps)
         cfg.update(ssmlora_init=args.ssmlora_init)
     return cfg
+
+
+def method_rank_alpha(args: argparse.Namespace, method: str) -> tuple[int, float]:
+    # lora-half keeps alpha/r: at half the rank it has lora's scale, only half the parameters.
+    if method == "lora-half":
+        return args.rank // 2, args.alpha / 2
+    return args.rank, args.alpha
 
 
 def data_files(args: argparse.Namespace) -> list[Path]:
@@ -307,7 +311,7 @@ def run_one(args, method: str, seed: int, tokenizer, train, devs, n_train_full: 
     base_params = sum(p.numel() for p in model.parameters())
     model = apply_method(model, method, args)
     params = count_parameters(model)
-    print(f"[{run_name(task.name, method, args.rank, seed)}] trainable: adapter {params['adapter']:,}, "
+    print(f"[{run_name(task.name, method, method_rank_alpha(args, method)[0], seed)}] trainable: adapter {params['adapter']:,}, "
           f"head {params['head']:,} (base model {base_params:,})", flush=True)
 
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
@@ -602,7 +606,8 @@ def main(argv=None) -> int:
     for method in args.methods:
         for seed in args.seeds:
             lr_in_name = method_lr(args, method) if args.holdout_fraction is not None else None
-            name = run_name(task.name, method, args.rank, seed, lr_in_name)
+            rank = method_rank_alpha(args, method)[0]
+            name = run_name(task.name, method, rank, seed, lr_in_name)
             identity = identity_of(args, run_config(args, method, seed))
             if store.needs_run(name, identity):
                 todo.append((method, seed, name, identity))
