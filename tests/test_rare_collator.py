@@ -324,3 +324,54 @@ def test_closed_book_k0_needs_no_retriever():
     batch = collator([{"id": "cb", "question": "Does aspirin help?", "response": "yes"}])
     assert "Retrieved Documents" not in tokenizer.decode(batch["input_ids"][0])
     assert collator.encode_prompt({"question": "Does aspirin help?"}).passage_ids == []
+
+
+def _long_example(seed: int) -> dict:
+    rng = random.Random(seed)
+    return {"id": "long", "question": random_text(rng, 10, 10) + "?", "response": random_text(rng, 10, 10),
+            "passages": [{"id": f"p{j}", "text": random_text(rng, 60, 60)} for j in range(3)]}
+
+
+def test_shorten_cuts_passages_to_a_budget_sized_cap_before_dropping_any():
+    tokenizer = make_tokenizer()
+    example = _long_example(14)
+    full = RAREDataCollator(tokenizer, k=3, max_length=100_000, max_passage_tokens=None).encode(example)
+    bare = RAREDataCollator(tokenizer, k=0, max_length=100_000).encode(example)
+    lengths = [len(tokenizer(p["text"], add_special_tokens=False)["input_ids"]) for p in example["passages"]]
+    # room for about two thirds of the passage tokens: "drop" loses a whole passage, "shorten" keeps all three
+    max_length = len(bare.input_ids) + (len(full.input_ids) - len(bare.input_ids)) * 2 // 3
+    dropping = RAREDataCollator(tokenizer, k=3, max_length=max_length, max_passage_tokens=None)
+    shortening = RAREDataCollator(tokenizer, k=3, max_length=max_length, max_passage_tokens=None,
+                                  passage_fit="shorten", min_passage_tokens=8)
+    assert len(dropping.encode(example).passage_ids) < 3
+    enc = shortening.encode(example)
+    assert enc.passage_ids == ["p0", "p1", "p2"] and len(enc.input_ids) <= max_length
+    assert len(enc.input_ids) > max_length - 3 * 3  # the cap is as large as the budget allows (within rounding)
+    prompt = tokenizer.decode(enc.input_ids[: enc.prompt_length])
+    for p in example["passages"]:  # each passage is shown as a prefix of itself, cut to one common length
+        ids = tokenizer(p["text"], add_special_tokens=False)["input_ids"]
+        cap = max(n for n in range(1, len(ids) + 1) if tokenizer.decode(ids[:n]) in prompt)
+        assert 8 <= cap < len(ids)
+    stats = shortening.stats
+    assert stats["passages_cut"] == 3 and stats["passages_dropped_to_fit"] == 0
+    assert stats["passage_tokens_shown"] + stats["passage_tokens_cut"] == sum(lengths)
+    assert tokenizer.decode([t for t in enc.labels if t != -100]) == example["response"] + EOT
+    # a cap below min_passage_tokens is not worth showing: the lowest-ranked passage is dropped instead
+    strict = RAREDataCollator(tokenizer, k=3, max_length=max_length, max_passage_tokens=None, passage_fit="shorten",
+                              min_passage_tokens=max(lengths))
+    assert strict.encode(example).passage_ids == dropping.encode(example).passage_ids
+    # a budget too small for any passage leaves the bare prompt, exactly as with "drop"
+    tight = RAREDataCollator(tokenizer, k=3, max_length=len(bare.input_ids) + 2, passage_fit="shorten")
+    assert tight.encode(example).input_ids == bare.input_ids
+
+
+def test_truncation_stats_count_fixed_caps():
+    tokenizer = make_tokenizer()
+    example = _long_example(15)
+    lengths = [len(tokenizer(p["text"], add_special_tokens=False)["input_ids"]) for p in example["passages"]]
+    collator = RAREDataCollator(tokenizer, k=3, max_passage_tokens=20)
+    collator([example, dict(example, id="again")])
+    stats = collator.stats
+    assert stats["examples"] == 2 and stats["passages_shown"] == 6 and stats["passages_cut"] == 6
+    assert stats["passage_tokens_cut"] == 2 * sum(n - 20 for n in lengths)
+    assert "6 of them cut" in collator.truncation_report()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rare_data import accuracy, extract_answer, hit_rate_at_k, load_pubmedqa, recall_at_k, validity_rate
+from rare_data import accuracy, extract_answer, hit_rate_at_k, load_pubmedqa, macro_f1, recall_at_k, validity_rate
 
 
 def test_load_pubmedqa_local_official_split(shared_data):
@@ -118,3 +118,17 @@ def test_json_errors_name_the_file(tmp_path, fake_hub):
     bad_ids.write_text("[1, 2")
     with pytest.raises(ValueError, match="ids.json is not valid JSON"):
         load_pubmedqa(test_ids_file=bad_ids)
+
+
+def test_macro_f1_beside_accuracy():
+    from sklearn.metrics import f1_score
+
+    gold = ["yes", "yes", "no", "maybe", "no", "yes"]
+    pred = ["yes", "no", "no", None, "no", "yes"]
+    # the invalid answer counts as wrong for its class and is no class of its own
+    expected = f1_score(gold, ["yes", "no", "no", "invalid", "no", "yes"], labels=["maybe", "no", "yes"],
+                        average="macro", zero_division=0)
+    assert macro_f1(pred, gold) == pytest.approx(expected)
+    # always answering "yes" scores the majority share as accuracy but a low macro-F1
+    assert accuracy(["yes"] * 6, gold) == 0.5 and macro_f1(["yes"] * 6, gold, labels=["yes", "no", "maybe"]) < 0.23
+    assert macro_f1(gold, [g.upper() for g in gold]) == 1.0

@@ -21,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ._progress import progress_enabled
 from .templates import format_query
 
 __all__ = [
@@ -174,12 +175,12 @@ class BM25Retriever(_CorpusLookup):
         settings = {"k1": k1, "b": b, "method": method, "stopwords": stopwords, "lower": lower,
                     "token_pattern": token_pattern}
         tokens = bm25s.tokenize(texts, lower=lower, stopwords=stopwords, token_pattern=token_pattern,
-                                show_progress=False)
+                                show_progress=progress_enabled())
         if not tokens.vocab:
             raise ValueError(f"no passage contains a single token under token_pattern={token_pattern!r} and "
                              f"stopwords={stopwords!r}: check the passages or relax these settings")
         bm25 = bm25s.BM25(k1=k1, b=b, method=method)
-        bm25.index(tokens, show_progress=False)
+        bm25.index(tokens, show_progress=progress_enabled())
         fingerprint = _sha256("bm25", json.dumps(settings, sort_keys=True), str_ids, texts)
         return cls(settings=settings, ids=str_ids, fingerprint=fingerprint, texts=texts, bm25=bm25)
 
@@ -331,7 +332,8 @@ class DenseRetriever(_CorpusLookup):
                         query_prompt=query_prompt, document_prompt=document_prompt, batch_size=batch_size)
         kwargs = {} if document_prompt is None else {"prompt": document_prompt}
         emb = retriever._embedder().encode_document(texts, batch_size=batch_size, normalize_embeddings=True,
-                                                    convert_to_numpy=True, show_progress_bar=False, **kwargs)
+                                                    convert_to_numpy=True, show_progress_bar=progress_enabled(),
+                                                    **kwargs)
         emb = np.ascontiguousarray(emb, dtype=np.float32)
         index = faiss.IndexFlatIP(emb.shape[1])
         index.add(emb)
