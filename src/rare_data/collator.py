@@ -19,7 +19,7 @@ import math
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -49,12 +49,14 @@ class EncodedExample:
         labels: -100 over the prompt, the token ids over the completion.
         prompt_length: Number of prompt tokens (the masked segment).
         passage_ids: Ids of the passages shown, in display order.
+        passages: The passages shown, in display order, with the text as shown (cut when truncation cut it).
     """
 
     input_ids: list[int]
     labels: list[int]
     prompt_length: int
     passage_ids: list[str]
+    passages: list[RetrievedPassage] = field(default_factory=list)
 
 
 # Passages whose token ids are cached per process (a corpus larger than this restarts the cache).
@@ -528,7 +530,7 @@ class RAREDataCollator:
             if completions[i]:
                 self._check_once(questions[i], shown, examples[i]["response"], prompt, completions[i])
             out.append(EncodedExample(prompt + completions[i], [-100] * len(prompt) + completions[i], len(prompt),
-                                      [p.id for p in shown]))
+                                      [p.id for p in shown], shown))
         return out
 
     def _fits(self, prompt: list[int], reserve: int) -> bool:
@@ -616,6 +618,44 @@ class RAREDataCollator:
         prompt = self._prompt_ids(self.template.format_question(example), [])
         return len(prompt) + len(completion) <= self.max_length
 
+    # ---- TRL-native path: the same prompts as data set columns ----------------------------------------------
+    def prompt_completion(self, examples: Mapping[str, Any], epoch: int | None = None) -> dict[str, Any]:
+        """Conversational ``prompt`` / ``completion`` columns for ``datasets.map``, e.g. for TRL's ``SFTTrainer``.
+
+        ``dataset.map(collator.prompt_completion, batched=True)`` (or unbatched) retrieves and selects passages
+        exactly as the collator would at batch time (same retriever call, RAFT sampling, shuffling, capping and
+        fitting to ``max_length``), and writes the user turn with those passages as ``prompt`` and the response
+        as ``completion``, plus ``shown_passage_ids``. ``SFTTrainer`` then builds the same tokens and labels as
+        this collator (checked in the tests with a Llama-3 style template; a template that writes text after the
+        end-of-turn token -- ChatML's newline -- makes TRL train on that text too). Passages are fixed per row:
+        with ``epoch`` the RAFT draw is the one :meth:`set_epoch` ``(epoch)`` would give (map once per epoch for
+        fresh draws); without it, the collator's current epoch. Examples that cannot fit raise
+        :class:`ExampleTooLongError`: filter with :meth:`fits` first.
+        """
+        if not self.chat:
+            raise ValueError("prompt_completion writes conversational columns and needs a tokenizer with a chat "
+                             "template; without one, use the collator itself as the Trainer's data_collator")
+        batched = isinstance(examples.get("question"), list)
+        columns = examples if batched else {name: [value] for name, value in examples.items()}
+        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        saved_epoch = self.epoch
+        if epoch is not None:
+            self.set_epoch(epoch)
+        try:
+            encoded = self.encode_batch(rows)
+        finally:
+            self.epoch = saved_epoch
+        out: dict[str, list] = {"prompt": [], "completion": [], "shown_passage_ids": []}
+        for row, enc in zip(rows, encoded):
+            if enc is None:
+                raise ExampleTooLongError(f"example {self._key(row)!r} does not fit max_length={self.max_length} even "
+                                          "without passages: filter first with `dataset.filter(collator.fits)`")
+            user = self.template.render(self.template.format_question(row), enc.passages)
+            out["prompt"].append(self._messages(user))
+            out["completion"].append([{"role": "assistant", "content": row["response"]}])
+            out["shown_passage_ids"].append(enc.passage_ids)
+        return out if batched else {name: values[0] for name, values in out.items()}
+
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if len(examples) == 0:
             raise ValueError("the collator got an empty batch")
@@ -631,17 +671,19 @@ class RAREDataCollator:
         length = max(len(e.input_ids) for e in encoded)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        n = len(encoded)
+        # filled in numpy and handed over without a copy: much cheaper than torch.tensor on Python lists
+        input_ids = np.full((n, length), self._pad_id, dtype=np.int64)
+        labels = np.full((n, length), -100, dtype=np.int64)
+        attention_mask = np.zeros((n, length), dtype=np.int64)
         left = getattr(self.tokenizer, "padding_side", "right") == "left"
-        input_ids, labels, attention_mask = [], [], []
-        for e in encoded:
-            pad = length - len(e.input_ids)
-            rows = ((input_ids, e.input_ids, self._pad_id), (labels, e.labels, -100), (attention_mask,
-                                                                                      [1] * len(e.input_ids), 0))
-            for out, values, fill in rows:
-                out.append([fill] * pad + values if left else values + [fill] * pad)
-        # one tensor per field from nested lists: much cheaper than a tensor per row
-        return {"input_ids": torch.tensor(input_ids), "attention_mask": torch.tensor(attention_mask),
-                "labels": torch.tensor(labels)}
+        for row, e in enumerate(encoded):
+            span = slice(length - len(e.input_ids), length) if left else slice(0, len(e.input_ids))
+            input_ids[row, span] = e.input_ids
+            labels[row, span] = e.labels
+            attention_mask[row, span] = 1
+        return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
+                "labels": torch.from_numpy(labels)}
 
     @staticmethod
     def _flatten(encoded: list[EncodedExample]) -> dict[str, torch.Tensor]:
