@@ -200,3 +200,16 @@ def test_precomputed_retrieval_keys_on_the_collators_query_for_multiple_choice(t
     live = RAREDataCollator(tokenizer, retriever=toy_bm25, k=2)(examples)
     served = RAREDataCollator(tokenizer, retriever=precomputed, k=2)(examples)
     assert all(torch.equal(live[key], served[key]) for key in live)
+
+
+def test_bm25_indexing_shows_progress_on_a_terminal_only(monkeypatch, capsys):
+    import rare_data.retrievers as retrievers
+    from rare_data import progress
+
+    corpus = list(TOY_CORPUS.values())
+    BM25Retriever.from_texts(corpus)
+    assert capsys.readouterr().err == ""  # pytest's stderr is not a terminal: no bars in logs
+    monkeypatch.setattr(retrievers, "progress_enabled", lambda: True)
+    BM25Retriever.from_texts(corpus)
+    assert "%|" in capsys.readouterr().err  # tqdm bars of tokenising and indexing the corpus
+    assert list(progress(range(3), desc="evaluating")) == [0, 1, 2] and capsys.readouterr().err == ""
