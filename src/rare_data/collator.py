@@ -7,8 +7,10 @@ gold + distractors), renders the prompt, tokenises it in *segments* and masks by
     completion_ids  = response tokens + end-of-turn token, labelled with their own ids
 
 It never searches the token stream for a template string, and truncation never touches the response or the
-question: passages are capped to ``max_passage_tokens`` and dropped lowest-ranked first; an example that does
-not fit without any passage is dropped (counted, with a warning) or raises, as ``on_overflow`` says.
+question: passages are capped to ``max_passage_tokens``, then shortened to a budget-sized common cap
+(``passage_fit="shorten"``) and/or dropped lowest-ranked first; an example that does not fit without any passage
+is dropped (counted, with a warning) or raises, as ``on_overflow`` says. Each batch is tokenised with one
+tokenizer call for the prompts and one for the responses; passage token ids are cached per process.
 """
 
 from __future__ import annotations
@@ -459,10 +461,6 @@ class RAREDataCollator:
         """The ``n`` best-ranked passages, each cut to ``cap`` tokens, in display order."""
         return [self._cut(ranked[j], cap) for j in display if j < n]
 
-    def _fixed_cap(self, cap: int | None = None) -> int | None:
-        caps = [c for c in (cap, self.max_passage_tokens) if c is not None]
-        return min(caps) if caps else None
-
     # ---- encoding --------------------------------------------------------------------------------------------
     @staticmethod
     def _key(example: Mapping[str, Any]) -> Any:
@@ -514,7 +512,7 @@ class RAREDataCollator:
         questions = [self.template.format_question(ex) for ex in examples]
         plans = [self._select(ex, cands, key) for ex, cands, key in zip(examples, candidates, keys)]
         self._cache_passage_ids([p.text for ranked, _ in plans for p in ranked])
-        cap = self._fixed_cap()
+        cap = self.max_passage_tokens
         first_try = [self._shown(ranked, display, len(ranked), cap) for ranked, display in plans]
         prompts = [self._bos_prefix + ids for ids in
                    self._ids_batch([self.prompt_text(q, shown) for q, shown in zip(questions, first_try)])]
@@ -542,7 +540,7 @@ class RAREDataCollator:
         Returns (shown passages, prompt ids, their cap), or (None, None, None) when even the bare prompt does not
         fit.
         """
-        cap = self._fixed_cap()
+        cap = self.max_passage_tokens
         for n in range(len(ranked), -1, -1):
             if self.passage_fit == "shorten" and n:
                 fitted = self._shorten(question, ranked, display, n, reserve)
@@ -563,7 +561,7 @@ class RAREDataCollator:
         the rendered prompt can differ slightly from their own counts, so the rendered prompt is checked and the
         budget tightened by the remaining excess until it fits.
         """
-        cap = self._fixed_cap()
+        cap = self.max_passage_tokens
         lengths = sorted(_capped_length(len(self._passage_token_ids(p.text)), cap) for p in ranked[:n])
         budget = sum(lengths)
         while True:
