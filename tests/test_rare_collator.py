@@ -277,7 +277,8 @@ def test_bad_options_and_inputs_raise_clear_errors():
     ("passages", ["fine", None], TypeError, "passage 1 .* NoneType"),
     ("passages", [{"id": "a", "text": None}], TypeError, "passage 0 \\(id 'a'\\) .* NoneType"),
     ("passages", [{"id": "a", "content": "x"}], KeyError, "passage 0 is a dict without a 'text'"),
-    ("options", {"A": "aspirin", "B": None}, TypeError, "'options'"),
+    ("options", ["aspirin", None], TypeError, "'options'"),
+    ("options", {"A": "aspirin", "B": 3}, TypeError, "'options'"),
 ])
 def test_bad_fields_raise_naming_the_example_and_the_field(field, value, error, match):
     tokenizer = make_tokenizer()
@@ -289,6 +290,15 @@ def test_bad_fields_raise_naming_the_example_and_the_field(field, value, error, 
     if field != "response":  # the prompt alone (generation) is checked the same way
         with pytest.raises(error, match="ex-42"):
             collator.encode_prompt(example)
+
+
+def test_options_missing_from_a_datasets_struct_row_are_left_out():
+    # datasets unifies dict columns: a 4-option row gets "E": None beside 5-option rows
+    tokenizer = make_tokenizer(chat=False)
+    example = {"question": "Which drug?", "options": {"A": "aspirin", "B": "insulin", "E": None}, "response": "A",
+               "passages": ["Aspirin lowers risk."]}
+    text = tokenizer.decode(RAREDataCollator(tokenizer).encode(example).input_ids)
+    assert "Which drug?\nA. aspirin\nB. insulin\n" in text and "None" not in text
 
 
 def test_duplicate_passage_texts_are_shown_once():

@@ -50,6 +50,9 @@ def format_query(example: Mapping[str, Any]) -> str:
         raise TypeError(f"example {name!r}: field 'question' is {type(question).__name__}, not a string")
     question = question.strip()
     options = example.get("options")
+    if isinstance(options, Mapping):
+        # a `datasets` struct column fills the keys a row lacks (option "E" of a 4-option question) with None
+        options = {key: value for key, value in options.items() if value is not None}
     if options:
         values = options.values() if isinstance(options, Mapping) else options
         if isinstance(options, str) or not all(isinstance(v, str) for v in values):
