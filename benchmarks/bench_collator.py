@@ -7,16 +7,21 @@ prompt rendering through the chat template, tokenisation, masking and padding.
 Usage::
 
     python -m benchmarks.bench_collator --data-dir ../shared/data/pubmedqa [--batch-size 8] [--workers 2]
+    # against an older rare_data, timed in the same process (same load, same examples), batches checked equal:
+    git archive <commit> src/rare_data | tar -x -C /tmp/old
+    python -m benchmarks.bench_collator --baseline-src /tmp/old/src/rare_data
 
 Prints examples/s for each configuration; the goal is that with 2 DataLoader workers the collator produces
 batches faster than a training step consumes them. The measurement is stored through the run store
 (`benchmarks/results/collator/<device>/bench_collator.json`, skipped when rerun with the same identity unless
-`--force`) and written as `bench_collator.md` beside it.
+`--force`; the baseline's source files are part of the identity) and written as `bench_collator.md` beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 import time
 from pathlib import Path
 
@@ -43,9 +48,10 @@ from rare_data import BM25Retriever, RAREDataCollator, load_pubmedqa
 RUN = "bench_collator"
 
 
-def throughput(fn, examples, batch_size, repeats):
+def throughput(fn, examples, batch_size, repeats, warmup=True):
     """Examples per second of ``fn(batch)`` over ``repeats`` passes (best pass, after one warm-up batch)."""
-    fn(examples[:batch_size])
+    if warmup:
+        fn(examples[:batch_size])
     best = 0.0
     for _ in range(repeats):
         start = time.perf_counter()
@@ -53,6 +59,35 @@ def throughput(fn, examples, batch_size, repeats):
             fn(examples[i:i + batch_size])
         best = max(best, len(examples) / (time.perf_counter() - start))
     return best
+
+
+def load_baseline(src: str):
+    """Import another copy of the ``rare_data`` package (e.g. an older commit's) as ``rare_data_baseline``."""
+    init = Path(src) / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline-src {src} is not a rare_data package folder (no __init__.py)")
+    spec = importlib.util.spec_from_file_location("rare_data_baseline", init, submodule_search_locations=[src])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["rare_data_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare_encodings(new, old, examples, retriever) -> tuple[int, int]:
+    """(examples encoded identically, examples that differ only because the old collator showed a passage text
+    twice -- the new one shows each text once); any other difference aborts the comparison."""
+    same = duplicates = 0
+    for ex in examples:
+        a, b = new.encode(ex), old.encode(ex)
+        if a.input_ids == b.input_ids and a.labels == b.labels:
+            same += 1
+            continue
+        texts = [p.text for p in retriever.get_passages(b.passage_ids)]
+        if len(set(texts)) == len(texts):
+            raise SystemExit(f"the baseline collator encodes example {ex.get('id')!r} differently and not because of a "
+                             "repeated passage: the comparison would be meaningless")
+        duplicates += 1
+    return same, duplicates
 
 
 def loader_throughput(collator, examples, batch_size, workers):
@@ -73,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--workers", type=non_negative_int, default=2)
     parser.add_argument("--max-length", type=positive_int, default=2048)
+    parser.add_argument("--baseline-src", default=None,
+                        help="folder of another rare_data package to time in the same run (e.g. from git archive)")
     parser.add_argument("--out-dir", default=None, help="default: benchmarks/results/collator/<device>")
     parser.add_argument("--force", action="store_true", help="measure again even when stored with this identity")
     return parser.parse_args(argv)
@@ -99,6 +136,16 @@ def measure(args) -> dict:
              for ex, hits in zip(examples, retriever.search([ex["question"] for ex in examples], 3))]
     tokens = sum(len(p["input_ids"]) for p in pretokenised) / len(pretokenised)
 
+    baseline, comparison = None, None
+    if args.baseline_src:
+        old = load_baseline(args.baseline_src)
+        baseline = old.RAREDataCollator(tokenizer, retriever=retriever, k=3, max_length=args.max_length,
+                                        template="yes_no_maybe")
+        same, duplicates = compare_encodings(rare, baseline, examples, retriever)
+        comparison = {"src": args.baseline_src, "identical": same, "differ_by_repeated_passage_only": duplicates}
+        print(f"baseline {args.baseline_src}: identical input_ids and labels on {same} of {len(examples)} examples; "
+              f"{duplicates} differ only because the baseline showed one passage text twice")
+
     rows = [
         ("DataCollatorForSeq2Seq, pre-tokenised (floor)", throughput(seq2seq, pretokenised, args.batch_size,
                                                                      args.repeats)),
@@ -106,12 +153,27 @@ def measure(args) -> dict:
                                               args.batch_size, args.repeats)),
         ("RAREDataCollator, passages given (no search)", throughput(rare, given, args.batch_size, args.repeats)),
         ("RAREDataCollator, BM25 k=3 (main process)", throughput(rare, examples, args.batch_size, args.repeats)),
+    ]
+    if baseline is not None:
+        # timed right after the new collator, on the same examples; the new one first pays its cache misses
+        fresh = RAREDataCollator(tokenizer, retriever=retriever, k=3, max_length=args.max_length,
+                                 template="yes_no_maybe")
+        rows += [
+            ("baseline RAREDataCollator, BM25 k=3 (main process)", throughput(baseline, examples, args.batch_size,
+                                                                              args.repeats)),
+            ("RAREDataCollator, BM25 k=3, first pass (empty passage cache)", throughput(fresh, examples,
+                                                                                       args.batch_size, 1,
+                                                                                       warmup=False)),
+            ("RAREDataCollator, BM25 k=3 (main process, again)", throughput(rare, examples, args.batch_size,
+                                                                           args.repeats)),
+        ]
+    rows += [
         (f"RAREDataCollator, BM25 k=3, DataLoader {args.workers} workers",
          loader_throughput(rare, examples, args.batch_size, args.workers)),
     ]
     return {"rows": [{"configuration": name, "examples_per_s": rate} for name, rate in rows],
             "examples": len(examples), "mean_tokens_per_example": tokens, "passages": len(data.passages),
-            "index_seconds": index_s, "batch_size": args.batch_size, "host": host_info()}
+            "index_seconds": index_s, "batch_size": args.batch_size, "baseline": comparison, "host": host_info()}
 
 
 def report(result: dict) -> str:
@@ -122,6 +184,10 @@ def report(result: dict) -> str:
             f"{result['mean_tokens_per_example']:.0f} tokens/example, BM25 index of {result['passages']} passages "
             f"built in {result['index_seconds']:.2f} s; {host['device']}, {host['cpus']} CPUs, torch threads 1, "
             f"load average {host.get('load_average', '?')}.\n\n"
+            + (f"Baseline `{result['baseline']['src']}`: identical input_ids and labels on "
+               f"{result['baseline']['identical']} of {result['examples']} examples, "
+               f"{result['baseline']['differ_by_repeated_passage_only']} differ only by a passage text the baseline "
+               "showed twice.\n\n" if result.get("baseline") else "")
             + markdown_table(["configuration", "examples/s", f"ms / batch of {result['batch_size']}"], rows,
                              align=["", "r", "r"]) + "\n")
 
@@ -131,6 +197,8 @@ def main(argv=None) -> dict:
     args.model = require_model(args.model, "smollm2")
     store = RunStore(args.out_dir or RESULTS_DIR / "collator" / device_tag("cpu"))
     data_files = [Path(args.data_dir) / name for name in ("ori_pqal.json", "test_ground_truth.json")]
+    if args.baseline_src:  # the baseline's code decides its timings: its source files are part of the identity
+        data_files += sorted(Path(args.baseline_src).rglob("*.py"))
     identity = run_identity(arguments_of(args, ("out_dir", "force")), model=args.model,
                             data_files=[f for f in data_files if f.is_file()])
     if args.force or store.needs_run(RUN, identity):
