@@ -21,6 +21,32 @@ MERGE_REFUSED = (
 )
 
 
+class SSMLoRAWeight(nn.Module):
+    """One SSMLoRA matrix in `nn.Linear` layout (`weight` has shape `(out_features, in_features)`); calling the module
+    returns a copy of its weight.
+
+    The layer calls these modules instead of reading `.weight`: FSDP1 (with peft's `fsdp_auto_wrap_policy`, which
+    Trainer installs for every peft model) makes each trainable leaf module its own FSDP unit, whose weight is
+    gathered only while that unit runs and is freed again right after. The copy keeps the values for the backward
+    pass, and the gradient flows through it into the (sharded) parameter. The matrices are small (r·d), so the copy
+    costs next to nothing; the saved key (`ssmlora_A.<adapter>.weight`) is the one `nn.Linear` had.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        # The layer initialises the weight itself (`reset_ssmlora_parameters`); drawing nn.Linear's init first
+        # keeps the random stream, and so every seeded result, as it was when these were `nn.Linear` modules.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self) -> torch.Tensor:
+        return self.weight.clone()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
 class SSMLoRALayer(BaseTunerLayer):
     """Mixin holding one frozen `base_layer` and the SSMLoRA weights of each adapter.
 
@@ -71,10 +97,10 @@ class SSMLoRALayer(BaseTunerLayer):
         self.leaky_slope[adapter_name] = config.leaky_slope
         self.norm_eps[adapter_name] = config.norm_eps
         self.detach_state[adapter_name] = config.state_grad == "detach"
-        self.ssmlora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
-        self.ssmlora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
-        self.ssmlora_C[adapter_name] = nn.Linear(r, r, bias=False)
-        self.ssmlora_D[adapter_name] = nn.Linear(r, r, bias=False)
+        self.ssmlora_A[adapter_name] = SSMLoRAWeight(self.in_features, r)
+        self.ssmlora_B[adapter_name] = SSMLoRAWeight(r, self.out_features)
+        self.ssmlora_C[adapter_name] = SSMLoRAWeight(r, r)
+        self.ssmlora_D[adapter_name] = SSMLoRAWeight(r, r)
         self.reset_ssmlora_parameters(adapter_name, config.init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -138,10 +164,11 @@ class Linear(nn.Module, SSMLoRALayer):
                 x,
                 result,
                 state,
-                self.ssmlora_A[adapter].weight,
-                self.ssmlora_B[adapter].weight,
-                self.ssmlora_C[adapter].weight,
-                self.ssmlora_D[adapter].weight,
+                # Called, not read: see `SSMLoRAWeight` (FSDP gathers each one only while it runs).
+                self.ssmlora_A[adapter](),
+                self.ssmlora_B[adapter](),
+                self.ssmlora_C[adapter](),
+                self.ssmlora_D[adapter](),
                 scaling=self.scaling[adapter],
                 dropout_p=self.state_dropout[adapter] if self.training else 0.0,
                 leaky_slope=self.leaky_slope[adapter],
