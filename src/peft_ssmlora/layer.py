@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import torch
+from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -19,6 +20,16 @@ MERGE_REFUSED = (
     "through a nonlinear min-max normalisation, so it is not a fixed weight delta. Use `unload()` to get the base "
     "model back, or keep the PEFT model for inference."
 )
+
+
+def bitsandbytes_linear_types() -> tuple[type[nn.Module], ...]:
+    """bitsandbytes' quantized linear layers (QLoRA bases), or `()` when it is not installed; imported only when
+    installed, as peft does."""
+    if not is_bnb_available():
+        return ()
+    import bitsandbytes as bnb
+
+    return (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit) if is_bnb_4bit_available() else (bnb.nn.Linear8bitLt,)
 
 
 class SSMLoRAWeight(nn.Module):
@@ -77,6 +88,9 @@ class SSMLoRALayer(BaseTunerLayer):
         self.kwargs = kwargs
 
         base = self.get_base_layer()
+        # bitsandbytes' Linear8bitLt / Linear4bit subclass nn.Linear and keep its in/out features (their packed
+        # weights do not have that shape).
+        self.quantized_base = isinstance(base, bitsandbytes_linear_types())
         if isinstance(base, nn.Linear):
             self.in_features, self.out_features = base.in_features, base.out_features
         elif isinstance(base, Conv1D):
@@ -84,8 +98,8 @@ class SSMLoRALayer(BaseTunerLayer):
             self.in_features, self.out_features = base.weight.shape
         else:
             raise TypeError(
-                f"SSMLoRA supports torch.nn.Linear and transformers' Conv1D layers, not {type(base).__name__}; "
-                "remove this module from `target_modules`."
+                f"SSMLoRA supports torch.nn.Linear (bitsandbytes' 4-bit and 8-bit layers included) and transformers' "
+                f"Conv1D layers, not {type(base).__name__}; remove this module from `target_modules`."
             )
 
     def update_layer(self, adapter_name: str, config: SSMLoRAConfig) -> None:
@@ -129,7 +143,7 @@ class SSMLoRALayer(BaseTunerLayer):
 
 
 class Linear(nn.Module, SSMLoRALayer):
-    """SSMLoRA around a frozen `nn.Linear` or `Conv1D`."""
+    """SSMLoRA around a frozen `nn.Linear` (or bitsandbytes' `Linear8bitLt` / `Linear4bit`) or `Conv1D`."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SSMLoRAConfig, **kwargs: Any) -> None:
         super().__init__()
@@ -150,6 +164,10 @@ class Linear(nn.Module, SSMLoRALayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
+        if self.quantized_base:
+            # bitsandbytes may return a view of its own autograd output, which autograd forbids the Triton step
+            # (it adds the update in place) to modify; peft's LoRA copies 4-bit outputs for the same reason.
+            result = result.clone()
         for adapter in self.active_adapters:
             if adapter not in self.ssmlora_A:
                 continue
