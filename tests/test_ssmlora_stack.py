@@ -55,28 +55,25 @@ def test_fsdp_two_processes_match_one_process(tmp_path):
 # ---------------------------------------------------------------- saved adapters
 
 
-def test_saved_adapter_keys_keep_the_nn_linear_layout(tmp_path):
-    """Adapters saved before the weights became `SSMLoRAWeight` modules (nn.Linear layout: `ssmlora_A.weight` of
-    shape (r, d_in)) must still load: write such a file by hand and load it."""
-    from safetensors.torch import save_file
+def test_adapters_saved_in_the_nn_linear_layout_still_load(tmp_path):
+    """The SSMLoRA matrices were `nn.Linear` modules before they became `SSMLoRAWeight`s: saved files name them
+    `<module>.ssmlora_A.weight` etc., in nn.Linear's (out, in) shapes. Such a file, written by hand, must load."""
+    from safetensors.torch import load_file, save_file
 
-    reference = get_peft_model(tiny_llama(), SSMLoRAConfig(r=4, init_weights=False)).eval()
-    reference.save_pretrained(tmp_path / "saved")
+    get_peft_model(tiny_llama(), SSMLoRAConfig(r=4)).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
     q_proj = "base_model.model.model.layers.0.self_attn.q_proj"
     r, d = 4, 32
-    old_layout = {f"{q_proj}.ssmlora_{m}.weight": torch.randn(*shape, generator=torch.Generator().manual_seed(i))
-                  for i, (m, shape) in enumerate({"A": (r, d), "B": (d, r), "C": (r, r), "D": (r, r)}.items())}
-    saved = reference.base_model.model.model.layers[0].self_attn.q_proj
-    from safetensors.torch import load_file
-
-    state = load_file(tmp_path / "saved" / "adapter_model.safetensors")
-    assert set(old_layout) <= set(state)  # today's files use exactly these names
-    save_file({**state, **old_layout}, tmp_path / "saved" / "adapter_model.safetensors")
-    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "saved")
-    layer = loaded.base_model.model.model.layers[0].self_attn.q_proj
-    for m in "ABCD":
-        torch.testing.assert_close(getattr(layer, f"ssmlora_{m}")["default"].weight, old_layout[f"{q_proj}.ssmlora_{m}.weight"])
-    assert saved is not layer
+    shapes = {"A": (r, d), "B": (d, r), "C": (r, r), "D": (r, r)}
+    saved = load_file(path)
+    assert {name: tuple(tensor.shape) for name, tensor in saved.items() if name.startswith(q_proj + ".")} == {
+        f"{q_proj}.ssmlora_{m}.weight": shape for m, shape in shapes.items()}
+    generator = torch.Generator().manual_seed(0)
+    written = {name: torch.randn(tensor.shape, generator=generator) for name, tensor in saved.items()}
+    save_file(written, path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).state_dict()
+    for name, tensor in written.items():
+        torch.testing.assert_close(loaded[name.replace(".weight", ".default.weight")], tensor, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- transformers' adapter API
@@ -225,3 +222,73 @@ def test_qlora_trains_the_same_on_the_torch_and_the_triton_step(saved_llama, bit
     assert triton_losses == pytest.approx(torch_losses, rel=1e-4)
     for name, grad in torch_grads.items():
         torch.testing.assert_close(triton_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------- TRL
+
+
+def trl_model_and_tokenizer():
+    from test_rare_fixtures import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    model = tiny_llama()
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def trl_args(config_cls, output_dir, **overrides):
+    args = dict(output_dir=str(output_dir), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+                logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+    return config_cls(**{**args, **overrides})
+
+
+def assert_trained_ssmlora(trainer, before: dict[str, torch.Tensor]) -> None:
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    after = {n: p.detach() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert after.keys() == before.keys() and all("ssmlora_" in n for n in after)
+    assert any(not torch.equal(after[n], before[n]) for n in after)
+
+
+def trainable_before(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def test_trl_sft_trainer_with_ssmlora_config(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    model, tokenizer = trl_model_and_tokenizer()
+    data = Dataset.from_dict({"messages": [[{"role": "user", "content": f"what is {i} plus {i}"},
+                                            {"role": "assistant", "content": f"it is {2 * i}"}] for i in range(8)]})
+    trainer = trl.SFTTrainer(model=model, args=trl_args(trl.SFTConfig, tmp_path, max_length=64),
+                             train_dataset=data, processing_class=tokenizer,
+                             peft_config=SSMLoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    before = trainable_before(trainer)
+    trainer.train()
+    assert_trained_ssmlora(trainer, before)
+
+
+@pytest.mark.parametrize("checkpointing", [
+    False,
+    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
+        "DPO runs the reference forward (adapter disabled, no_grad) between the policy's forward and backward; it "
+        "clears the shared chain states that checkpointing recomputes from. Per-call chain state (branch "
+        "tuner-state) fixes this: then drop this mark."))),
+], ids=["no-checkpointing", "checkpointing"])
+def test_trl_dpo_trainer_with_ssmlora_config(tmp_path, checkpointing):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    model, tokenizer = trl_model_and_tokenizer()
+    data = Dataset.from_dict({"prompt": [f"what is {i} plus {i}?" for i in range(8)],
+                              "chosen": [f" it is {2 * i}" for i in range(8)],
+                              "rejected": [f" it is {2 * i + 1}" for i in range(8)]})
+    args = trl_args(trl.DPOConfig, tmp_path, max_length=64, gradient_checkpointing=checkpointing)
+    trainer = trl.DPOTrainer(model=model, args=args,
+                             train_dataset=data, processing_class=tokenizer,
+                             peft_config=SSMLoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    before = trainable_before(trainer)
+    trainer.train()
+    assert_trained_ssmlora(trainer, before)
