@@ -2,7 +2,8 @@
 # The one prepared GPU check: kernel tests on the GPU first, then the step/layer benchmark (which re-checks
 # correctness against the reference before it times anything). Writes at most 8 files under $OUT (default
 # benchmarks/results/gpu/latest). Runs from the repository root without installing the package; about 7 minutes
-# on an H100 (tests 2, target shape 1, grid 4). Results of the runs so far: benchmarks/results/gpu/README.md.
+# on an H100 (tests 2, QLoRA tests under 1, target shape 1, grid 4). Results of the runs so far:
+# benchmarks/results/gpu/README.md.
 #
 #   bash benchmarks/gpu_check.sh            # on a machine with a CUDA GPU, torch, triton and peft
 set -uo pipefail
@@ -21,6 +22,11 @@ PY="${PYTHON:-python3}"
     tests/test_kernel_step.py tests/test_kernel_reference_gradcheck.py tests/test_kernel_e2e.py
 } 2>&1 | tee "$OUT/pytest.txt" | tail -25
 test_rc=$?
+# QLoRA on the GPU: bitsandbytes' CUDA 4-bit/8-bit layers under the compiled Triton step (on CPU the tests run
+# bitsandbytes' CPU backend and the interpreted kernels). They skip, saying so, when bitsandbytes is not installed.
+timeout "${QLORA_TIMEOUT:-120}" "$PY" -m pytest -q -p no:cacheprovider -rfs tests/test_ssmlora_stack.py \
+  -k "bitsandbytes or qlora" 2>&1 | tee -a "$OUT/pytest.txt" | tail -8
+qlora_rc=$?
 
 # 2. The target shape (d 4096, r 16, 4k-32k tokens) with both methods' adapter weights in bf16 and in float32
 #    (get_peft_model's default upcast), then the whole grid while time allows.
@@ -32,5 +38,5 @@ fp32_rc=$?
 bench "${GRID_TIMEOUT:-240}" --tag grid
 grid_rc=$?
 grep correctness "$OUT/bench.log"
-echo "rc: tests $test_rc, quick $quick_rc, quick fp32 weights $fp32_rc, grid $grid_rc (124 = cut off by its time limit)"
+echo "rc: tests $test_rc, qlora tests $qlora_rc, quick $quick_rc, quick fp32 weights $fp32_rc, grid $grid_rc (124 = cut off by its time limit)"
 sed -n '/## full/,/## forward/p' "$OUT/bench_step_quick.md" "$OUT/bench_step_quick_fp32w.md" 2>/dev/null

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict
-from test_ssmlora_training import free_port
 from tiny_models import VOCAB, tiny_llama
 from transformers import AutoModelForCausalLM
 
@@ -33,6 +32,9 @@ def logits(model, ids=IDS) -> torch.Tensor:
 def test_fsdp_two_processes_match_one_process(tmp_path):
     """FSDP1 with peft's wrap policy (each SSMLoRA matrix its own FSDP unit, as under Trainer) and FSDP2, on the
     PyTorch and the Triton step: two gloo processes give one process's losses and weights (tests/fsdp_worker.py)."""
+    # Imported here, not at the top: it needs `datasets`, which the GPU machine may lack.
+    from test_ssmlora_training import free_port
+
     out = tmp_path / "results.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -50,6 +52,28 @@ def test_fsdp_two_processes_match_one_process(tmp_path):
         assert weights.keys() == reference_weights.keys() and any("ssmlora_C" in k for k in weights)
         for key in weights:
             torch.testing.assert_close(weights[key], reference_weights[key], rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def test_torch_compile_traces_one_graph_with_eager_results():
+    """fullgraph=True: dynamo captures the whole forward (adapter weights, chain states, hooks) without a graph
+    break. The "eager" backend checks the capture without code generation, which would take minutes on CPU."""
+    model = get_peft_model(tiny_llama(layers=2), SSMLoRAConfig(r=4, init_weights=False, state_dropout=0.0)).train()
+
+    def loss_and_grads(forward):
+        model.zero_grad()
+        loss = forward(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    eager_loss, eager_grads = loss_and_grads(model)
+    compiled_loss, compiled_grads = loss_and_grads(torch.compile(model, backend="eager", fullgraph=True))
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, msg=name)
 
 
 # ---------------------------------------------------------------- saved adapters
