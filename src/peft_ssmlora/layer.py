@@ -34,13 +34,12 @@ def bitsandbytes_linear_types() -> tuple[type[nn.Module], ...]:
 
 class SSMLoRAWeight(nn.Module):
     """One SSMLoRA matrix in `nn.Linear` layout (`weight` has shape `(out_features, in_features)`); calling the module
-    returns a copy of its weight.
+    returns its weight.
 
     The layer calls these modules instead of reading `.weight`: FSDP1 (with peft's `fsdp_auto_wrap_policy`, which
     Trainer installs for every peft model) makes each trainable leaf module its own FSDP unit, whose weight is
-    gathered only while that unit runs and is freed again right after. The copy keeps the values for the backward
-    pass, and the gradient flows through it into the (sharded) parameter. The matrices are small (r·d), so the copy
-    costs next to nothing; the saved key (`ssmlora_A.<adapter>.weight`) is the one `nn.Linear` had.
+    gathered only while that unit runs and is freed again right after. The saved key (`ssmlora_A.<adapter>.weight`)
+    is the one `nn.Linear` had.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
@@ -52,7 +51,13 @@ class SSMLoRAWeight(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self) -> torch.Tensor:
-        return self.weight.clone()
+        weight = self.weight
+        if isinstance(weight, nn.Parameter):  # plain module, DDP, FSDP2: the parameter itself, no copy
+            return weight
+        # Inside an FSDP1 unit the weight is a plain view of the gathered flat parameter, which FSDP frees right
+        # after this call: copy it (r·d values) for the backward pass; the gradient flows through the copy into the
+        # sharded parameter.
+        return weight.clone()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
