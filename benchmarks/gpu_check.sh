@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check, in the order of what matters: kernel tests on the GPU, then the whole-model training
+# The one prepared GPU check, in the order of what matters: kernel tests on the GPU (and the bitsandbytes QLoRA tests), then the whole-model training
 # benchmark (bench_model: SSMLoRA vs peft LoRA on Llama-8B shapes, 2k..64k tokens per step, with and without
 # activation checkpointing), then the step/layer benchmark at the target shape (which re-checks Triton against the
 # reference before it times anything). Fits one 10-minute device command (tests ~2, bench_model <= 5, bench_step
@@ -27,6 +27,11 @@ CARD=$("$PY" -c "from benchmarks.common import device_tag; print(device_tag())")
     tests/test_kernel_step.py tests/test_kernel_reference_gradcheck.py tests/test_kernel_e2e.py
 } 2>&1 | tee "$OUT/pytest.txt" | tail -25
 test_rc=$?
+# QLoRA on the GPU: bitsandbytes' CUDA 4-bit/8-bit layers under the compiled Triton step (on CPU the tests run
+# bitsandbytes' CPU backend and the interpreted kernels). They skip, saying so, when bitsandbytes is not installed.
+timeout "${QLORA_TIMEOUT:-120}" "$PY" -m pytest -q -p no:cacheprovider -rfs tests/test_ssmlora_stack.py \
+  -k "bitsandbytes or qlora" 2>&1 | tee -a "$OUT/pytest.txt" | tail -8
+qlora_rc=$?
 
 # 2. The whole model (the number users feel): bf16, r 16, every method interleaved in one process.
 timeout "${MODEL_TIMEOUT:-300}" "$PY" -m benchmarks.bench_model --preset "${PRESET:-8b}" --steps 3 --warmup 1 \
@@ -41,6 +46,6 @@ cp "benchmarks/results/bench_model/$CARD/bench_model_${PRESET:-8b}.md" "benchmar
   "$OUT/" 2>/dev/null
 tar czf "$OUT/results.tgz" "benchmarks/results/bench_model/$CARD" "benchmarks/results/bench_step/$CARD" 2>/dev/null
 grep correctness "$OUT/bench.log"
-echo "rc: tests $test_rc, bench_model $model_rc, bench_step $step_rc (124 = cut off by its time limit)"
+echo "rc: tests $test_rc, qlora tests $qlora_rc, bench_model $model_rc, bench_step $step_rc (124 = cut off by its time limit)"
 cat "$OUT/bench_model_${PRESET:-8b}.md" 2>/dev/null
 sed -n '/## full/,/## forward/p' "$OUT/bench_step_quick.md" 2>/dev/null
