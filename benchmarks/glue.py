@@ -487,11 +487,23 @@ def build_table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _score(task: GlueTask, outputs: np.ndarray, labels: np.ndarray) -> float:
-    """Task score from stored per-example outputs (class ids, or regression scores)."""
-    if not task.is_regression:
-        outputs = np.eye(task.num_labels)[outputs]  # one-hot logits for compute_metrics
-    return task_score(task, compute_metrics(task, outputs, labels))
+def _resampled_scores(task: GlueTask, outputs: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The task score on each bootstrap resample at once; row i of `weights` counts how often each dev example is
+    drawn. Classification metrics come from weighted confusion counts (as scikit-learn defines them, 0 where a
+    denominator is 0); regression correlations are computed resample by resample."""
+    if task.is_regression:
+        idx = [np.repeat(np.arange(len(labels)), w) for w in weights]
+        return np.array([task_score(task, compute_metrics(task, outputs[i], labels[i])) for i in idx])
+    n = weights.sum(1)
+    metrics = {"accuracy": 100 * weights @ (outputs == labels) / n}
+    if task.num_labels == 2:  # F1 (positive class 1) and MCC are GLUE's metrics of binary tasks only
+        tp, fp = weights @ ((outputs == 1) & (labels == 1)), weights @ ((outputs == 1) & (labels == 0))
+        fn, tn = weights @ ((outputs == 0) & (labels == 1)), weights @ ((outputs == 0) & (labels == 0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            metrics["f1"] = np.nan_to_num(100 * 2 * tp / (2 * tp + fp + fn))
+            metrics["mcc"] = np.nan_to_num(100 * (tp * tn - fp * fn)
+                                           / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    return np.mean([metrics[m] for m in task.metrics], axis=0)
 
 
 def build_paired_differences(runs: list[dict], reference: str = "ssmlora", n_boot: int = 1000) -> str:
@@ -521,11 +533,9 @@ def build_paired_differences(runs: list[dict], reference: str = "ssmlora", n_boo
             diffs = [a["score"] - b["score"] for a, b in
                      ((by_key[(t, reference, s)], by_key[(t, other, s)]) for s in seeds)]
             n = len(pairs[0][2])
-            boot = []
-            for _ in range(n_boot):
-                idx = rng.integers(0, n, n)
-                boot.append(np.mean([_score(task, pa[idx], y[idx]) - _score(task, pb[idx], y[idx])
-                                     for pa, pb, y in pairs]))
+            weights = rng.multinomial(n, np.full(n, 1 / n), size=n_boot)  # the same resamples for every seed
+            boot = np.mean([_resampled_scores(task, pa, y, weights) - _resampled_scores(task, pb, y, weights)
+                            for pa, pb, y in pairs], axis=0)
             lo, hi = np.percentile(boot, [2.5, 97.5])
             lines.append(f"| {t.upper()} | {other} | {', '.join(f'{d:+.2f}' for d in diffs)} | "
                          f"{np.mean(diffs):+.2f} [{lo:+.2f}, {hi:+.2f}] |")
