@@ -126,17 +126,17 @@ def test_unload_returns_the_clean_base_model_without_hooks():
     base_logits = logits(tiny_bert(), batch())
     model = get_peft_model(tiny_bert(), SSMLoRAConfig(r=4, init_weights=False))
     inner = model.base_model.model
-    assert len(inner._forward_pre_hooks) == 1
+    assert len(inner._forward_pre_hooks) == 1 and len(inner._forward_hooks) == 1
     unloaded = model.unload()
     assert not any(isinstance(m, SSMLoRALayer) for m in unloaded.modules())
-    assert not any(m._forward_pre_hooks for m in unloaded.modules())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in unloaded.modules())
     torch.testing.assert_close(logits(unloaded.eval(), batch()), base_logits, rtol=0, atol=0)
 
 
 def test_deleting_the_last_adapter_removes_the_hook():
     model = get_peft_model(tiny_bert(), SSMLoRAConfig(r=4))
     model.base_model.delete_adapter("default")
-    assert not model.base_model.model._forward_pre_hooks
+    assert not model.base_model.model._forward_pre_hooks and not model.base_model.model._forward_hooks
 
 
 def test_outputs_do_not_depend_on_batch_composition_or_earlier_calls():

@@ -10,7 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .chain import ChainContext, ChainLink
+from .chain import REENTRANT_CHECKPOINTING_REFUSED, ChainContext, ChainLink
 from .config import SSMLoRAConfig
 from .step import ssmlora_step
 
@@ -133,7 +133,12 @@ class Linear(nn.Module, SSMLoRALayer):
                     f"SSMLoRA layer for adapter {adapter!r} is not part of a chain; create SSMLoRA layers through "
                     "`get_peft_model` / `add_adapter`, not by hand."
                 )
-            state = self.ssmlora_context.read(adapter, link, x)
+            call, recomputing = self.ssmlora_context.current_call(adapter, link)
+            if call.with_grad and not torch.is_grad_enabled() and not self.detach_state[adapter]:
+                # A layer run without gradients inside a call with gradients: reentrant checkpointing's first
+                # forward (or a `no_grad` block in the model), which would cut the gradient along the chain.
+                raise RuntimeError(REENTRANT_CHECKPOINTING_REFUSED)
+            state = call.read(adapter, link, x)
             result, new_state = ssmlora_step(
                 x,
                 result,
@@ -151,7 +156,8 @@ class Linear(nn.Module, SSMLoRALayer):
             if self.detach_state[adapter]:
                 # The next module would detach it anyway; detaching here frees this step's graph sooner.
                 new_state = new_state.detach()
-            self.ssmlora_context.write(adapter, link, new_state)
+            if not recomputing:  # a recomputation reproduces the state its original forward wrote already
+                call.write(adapter, link, new_state)
         return result
 
     def __repr__(self) -> str:
