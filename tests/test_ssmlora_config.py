@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import tiny_bert, tiny_gpt2, trainable_adapter_params
 from transformers import (
     AutoConfig,
@@ -113,6 +115,31 @@ def test_scaling_modes():
 def test_rank_below_one_is_refused():
     with pytest.raises(ValueError, match="`r` must be an integer >= 1"):
         SSMLoRAConfig(r=0)
+
+
+@pytest.mark.parametrize("field", ["lora_alpha", "norm_eps", "state_dropout", "leaky_slope"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_numbers_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"`{field}` must be a finite number"):
+        SSMLoRAConfig(**{field: value})
+
+
+def test_zero_lora_alpha_is_refused_as_it_cannot_train():
+    with pytest.raises(ValueError, match="`lora_alpha` is 0.*nothing would train"):
+        SSMLoRAConfig(lora_alpha=0)
+
+
+@pytest.mark.parametrize("field, value, message", [("lora_alpha", 0, "`lora_alpha` is 0"),
+                                                   ("norm_eps", float("nan"), "`norm_eps` must be a finite number"),
+                                                   ("leaky_slope", float("inf"), "`leaky_slope` must be a finite")])
+def test_a_saved_config_is_validated_on_load(tmp_path, field, value, message):
+    get_peft_model(tiny_bert(), SSMLoRAConfig(r=2)).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    saved[field] = value  # a hand-edited or foreign file: json writes NaN and Infinity
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(tiny_bert(), tmp_path)
 
 
 def test_unknown_target_module_names_the_available_layers():
