@@ -149,3 +149,51 @@ def test_outputs_do_not_depend_on_batch_composition_or_earlier_calls():
     one_by_one = torch.cat([logits(model, ids[i:i + 1]) for i in range(6)])
     torch.testing.assert_close(one_by_one, together, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(logits(model, ids), together, rtol=0, atol=0)
+
+
+def test_trainable_token_indices_train_only_those_embedding_rows_and_round_trip(tmp_path):
+    """TRL sets `trainable_token_indices` when it adds chat-template tokens; peft's trainable-tokens machinery
+    serves SSMLoRA as it serves LoRA."""
+    model = get_peft_model(tiny_llama(), SSMLoRAConfig(r=4, init_weights=False, trainable_token_indices=[3, 5]))
+    every_token = torch.arange(VOCAB)
+    with torch.no_grad():
+        embeddings_before = model.get_input_embeddings()(every_token)
+    model.train()
+    ids = torch.tensor([[3, 5, 7, 9, 3]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p -= p.grad
+        embeddings_after = model.get_input_embeddings()(every_token)
+    changed = (embeddings_after != embeddings_before).any(dim=-1).nonzero().flatten().tolist()
+    assert changed == [3, 5]
+
+    model.eval()
+    expected = logits(model, batch())
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert loaded.peft_config["default"].trainable_token_indices == [3, 5]
+    torch.testing.assert_close(logits(loaded, batch()), expected, rtol=0, atol=0)
+
+
+def test_transformers_delete_adapter_of_the_last_adapter_removes_the_hooks():
+    """transformers' own adapter API deletes adapters layer by layer, without the tuner."""
+    model = tiny_llama()
+    model.add_adapter(SSMLoRAConfig(r=4, init_weights=False), adapter_name="first")
+    model.add_adapter(SSMLoRAConfig(r=2, init_weights=False, target_modules=["o_proj"]), adapter_name="second")
+    assert model._forward_pre_hooks and model._forward_hooks
+    model.delete_adapter("first")
+    assert model._forward_pre_hooks and model._forward_hooks  # "second" still needs them
+    model.delete_adapter("second")
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    torch.testing.assert_close(logits(model, batch()), logits(tiny_llama(), batch()), rtol=0, atol=0)
+
+
+def test_lora_only_operations_say_they_are_not_supported():
+    model = get_peft_model(tiny_llama(), SSMLoRAConfig(r=4))
+    model.add_adapter("other", SSMLoRAConfig(r=4))
+    with pytest.raises(NotImplementedError, match="`add_weighted_adapter` is not supported by SSMLoRA"):
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], adapter_name="mix")
+    with pytest.raises(NotImplementedError, match="`subtract_mutated_init` is not supported by SSMLoRA"):
+        model.base_model.subtract_mutated_init({}, "default")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 import threading
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,10 +146,22 @@ class ChainContext:
     task id, which the recomputed layer looks up.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, when_unused: Callable[[], None]) -> None:
         self._local = threading.local()
         self._calls_by_backward: dict[int, list[ForwardCall]] = {}
         self._lock = threading.Lock()
+        self._layers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._when_unused = when_unused
+
+    def track(self, layer: Any) -> None:
+        """Register an SSMLoRA layer whose states this context carries."""
+        self._layers.add(layer)
+
+    def layer_emptied(self) -> None:
+        """Called by a layer that lost its last adapter. Once no layer has one, `when_unused` runs (the tuner removes
+        its hooks): transformers' `delete_adapter` deletes adapters layer by layer, never through the tuner."""
+        if not any(layer.ssmlora_A for layer in self._layers):
+            self._when_unused()
 
     def _open_calls(self) -> list[ForwardCall]:
         if not hasattr(self._local, "calls"):

@@ -79,6 +79,11 @@ class SSMLoRALayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if not self.ssmlora_A and self.ssmlora_context is not None:
+            self.ssmlora_context.layer_emptied()
+
     @torch.no_grad()
     def reset_ssmlora_parameters(self, adapter_name: str, init_weights: bool | str) -> None:
         A = self.ssmlora_A[adapter_name].weight

@@ -43,7 +43,7 @@ class SSMLoRAModel(BaseTuner):
 
     def __init__(self, model: nn.Module, config, adapter_name: str, **kwargs: Any) -> None:
         # Set before `super().__init__`, which injects the first adapter and needs both.
-        self.chain_context = ChainContext()
+        self.chain_context = ChainContext(when_unused=self._remove_forward_hooks)
         self._ssmlora_hooks: list[torch.utils.hooks.RemovableHandle] = []
         super().__init__(model, config, adapter_name, **kwargs)
 
@@ -151,6 +151,7 @@ class SSMLoRAModel(BaseTuner):
         for key, module in layers.items():
             module.ssmlora_chain[adapter_name] = links[key]
             module.ssmlora_context = self.chain_context
+            self.chain_context.track(module)
 
     def _start_forward(self, module: nn.Module, args: Any) -> None:
         # Opened first: the forward hook closes the call even when the check below raises.
@@ -164,6 +165,23 @@ class SSMLoRAModel(BaseTuner):
     def _full_state_grad_active(self) -> bool:
         return any(self.peft_config[name].state_grad == "full" for name in self.active_adapters
                    if name in self.peft_config)
+
+    # ---------------------------------------------------------------- LoRA-only operations
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "`add_weighted_adapter` is not supported by SSMLoRA: it mixes adapters by combining their low-rank "
+            "matrices, which assumes each module's update is the fixed product B·A. An SSMLoRA module's update also "
+            "depends on the state its chain carries through a nonlinear normalisation, so a weighted mix of the "
+            "matrices is no mix of the adapters' effects. Train one adapter on the combined data, or switch "
+            "adapters with `set_adapter`."
+        )
+
+    def subtract_mutated_init(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "`subtract_mutated_init` is not supported by SSMLoRA: it converts PiSSA/OLoRA-initialised LoRA "
+            "adapters, and SSMLoRA has no such initialisation. Save the adapter with a plain `save_pretrained(path)`."
+        )
 
     # ---------------------------------------------------------------- merging and unloading
 
@@ -179,11 +197,6 @@ class SSMLoRAModel(BaseTuner):
         model = super()._unload_and_optionally_merge(merge=False, **kwargs)
         self._remove_forward_hooks()
         return model
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        if not self.peft_config:
-            self._remove_forward_hooks()
 
     def _remove_forward_hooks(self) -> None:
         while self._ssmlora_hooks:
