@@ -7,11 +7,13 @@ import threading
 
 import pytest
 import torch
+from datasets import Dataset
 from peft import get_peft_model
-from test_ssmlora_training import gradients
+from test_ssmlora_training import gradients, step_losses, training_args
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers import Trainer
 
 from peft_ssmlora import SSMLoRAConfig
 
@@ -177,6 +179,26 @@ def test_transformers_reentrant_checkpointing_is_exact_with_detached_states(make
     assert plain.keys() == checkpointed.keys() and any("ssmlora_C" in name for name in plain)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_trainer_with_reentrant_checkpointing_trains_exactly_as_without(tmp_path):
+    """What DeepSpeed ZeRO-3 and TRL set up: `gradient_checkpointing=True` with `use_reentrant=True`."""
+    ids = torch.randint(1, VOCAB, (16, 8), generator=torch.Generator().manual_seed(0))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    losses, weights = {}, {}
+    for run, checkpointing in {"plain": {}, "reentrant": dict(
+            gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})}.items():
+        torch.manual_seed(0)
+        model = lm()
+        trainer = Trainer(model=model, train_dataset=data,
+                          args=training_args(tmp_path / run, num_train_epochs=1, **checkpointing))
+        trainer.train()
+        assert model.base_model.model.is_gradient_checkpointing == (run == "reentrant")
+        losses[run] = step_losses(trainer)
+        weights[run] = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert len(losses["plain"]) == 4 and losses["reentrant"] == losses["plain"]
+    for name, trained in weights["plain"].items():
+        torch.testing.assert_close(weights["reentrant"][name], trained, rtol=1e-5, atol=1e-7, msg=name)
 
 
 class Block(nn.Module):
