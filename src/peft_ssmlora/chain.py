@@ -131,6 +131,10 @@ class ForwardCall:
     def has_states(self) -> bool:
         return bool(self._states)
 
+    def holds_state_for(self, adapter: str, link: ChainLink) -> bool:
+        """Whether this call ran the module before `link` (so that it may be the call `link` is recomputed for)."""
+        return (adapter, link.chain, link.position - 1) in self._states
+
 
 class ChainContext:
     """Finds the `ForwardCall` an SSMLoRA layer runs in; one per tuner, never saved.
@@ -196,18 +200,23 @@ class ChainContext:
         with self._lock:
             self._calls_by_backward.pop(task, None)
 
-    def current_call(self, adapter: str, link: ChainLink) -> tuple[ForwardCall, bool]:
-        """The call the layer at `link` runs in, and whether this run is a recomputation during backward."""
+    def incoming_state(self, adapter: str, link: ChainLink, like: torch.Tensor) -> tuple[torch.Tensor | None,
+                                                                                         ForwardCall | None]:
+        """The incoming state of the layer at `link`, and the call its outgoing state goes to: `None` when the
+        layer is recomputed during backward (its original forward wrote that state already)."""
         calls = self._open_calls()
         if calls:
-            return calls[-1], False
+            return calls[-1].read(adapter, link, like), calls[-1]
         task = torch._C._current_graph_task_id()
         if task < 0:  # not inside a backward: the layer was called on its own
             raise RuntimeError(CALL_THE_WHOLE_MODEL.format(adapter=adapter, chain=link.chain, position=link.position))
+        if link.position == 0:  # a recomputed chain start reads zeros, whichever call it belongs to
+            return None, None
         with self._lock:
-            candidates = list(self._calls_by_backward.get(task, ()))
+            # Only a call that ran this chain can be this layer's (e.g. an encoder's and a decoder's calls).
+            candidates = [call for call in self._calls_by_backward.get(task, ()) if call.holds_state_for(adapter, link)]
         if len(candidates) == 1:
-            return candidates[0], True
+            return candidates[0].read(adapter, link, like), None
         if not candidates:
             raise RuntimeError(
                 f"SSMLoRA layer for adapter {adapter!r} (chain {link.chain!r}) is recomputed during a backward pass "

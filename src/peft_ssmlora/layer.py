@@ -138,12 +138,11 @@ class Linear(nn.Module, SSMLoRALayer):
                     f"SSMLoRA layer for adapter {adapter!r} is not part of a chain; create SSMLoRA layers through "
                     "`get_peft_model` / `add_adapter`, not by hand."
                 )
-            call, recomputing = self.ssmlora_context.current_call(adapter, link)
-            if call.with_grad and not torch.is_grad_enabled() and not self.detach_state[adapter]:
+            state, call = self.ssmlora_context.incoming_state(adapter, link, x)
+            if call is not None and call.with_grad and not torch.is_grad_enabled() and not self.detach_state[adapter]:
                 # A layer run without gradients inside a call with gradients: reentrant checkpointing's first
                 # forward (or a `no_grad` block in the model), which would cut the gradient along the chain.
                 raise RuntimeError(REENTRANT_CHECKPOINTING_REFUSED)
-            state = call.read(adapter, link, x)
             result, new_state = ssmlora_step(
                 x,
                 result,
@@ -161,7 +160,7 @@ class Linear(nn.Module, SSMLoRALayer):
             if self.detach_state[adapter]:
                 # The next module would detach it anyway; detaching here frees this step's graph sooner.
                 new_state = new_state.detach()
-            if not recomputing:  # a recomputation reproduces the state its original forward wrote already
+            if call is not None:  # None: a recomputation, whose original forward wrote this state already
                 call.write(adapter, link, new_state)
         return result
 
