@@ -26,6 +26,10 @@ def logits(model, ids, **kwargs):
         return model(input_ids=ids, **kwargs).logits
 
 
+def hooked_modules(model) -> list[str]:
+    return [name for name, m in model.named_modules() if m._forward_pre_hooks or m._forward_hooks]
+
+
 def test_gradients_reach_exactly_the_trainable_parameters(capsys):
     model = get_peft_model(tiny_bert(), SSMLoRAConfig(r=4, task_type="SEQ_CLS", init_weights=False))
     model.print_trainable_parameters()
@@ -125,18 +129,17 @@ def test_merge_is_refused_with_an_explanation():
 def test_unload_returns_the_clean_base_model_without_hooks():
     base_logits = logits(tiny_bert(), batch())
     model = get_peft_model(tiny_bert(), SSMLoRAConfig(r=4, init_weights=False))
-    inner = model.base_model.model
-    assert len(inner._forward_pre_hooks) == 1 and len(inner._forward_hooks) == 1
+    assert hooked_modules(model.base_model.model) == ["bert.encoder"]  # the module that runs the chains
     unloaded = model.unload()
     assert not any(isinstance(m, SSMLoRALayer) for m in unloaded.modules())
-    assert not any(m._forward_pre_hooks or m._forward_hooks for m in unloaded.modules())
+    assert not hooked_modules(unloaded)
     torch.testing.assert_close(logits(unloaded.eval(), batch()), base_logits, rtol=0, atol=0)
 
 
 def test_deleting_the_last_adapter_removes_the_hook():
     model = get_peft_model(tiny_bert(), SSMLoRAConfig(r=4))
     model.base_model.delete_adapter("default")
-    assert not model.base_model.model._forward_pre_hooks and not model.base_model.model._forward_hooks
+    assert not hooked_modules(model.base_model.model)
 
 
 def test_outputs_do_not_depend_on_batch_composition_or_earlier_calls():
@@ -182,11 +185,11 @@ def test_transformers_delete_adapter_of_the_last_adapter_removes_the_hooks():
     model = tiny_llama()
     model.add_adapter(SSMLoRAConfig(r=4, init_weights=False), adapter_name="first")
     model.add_adapter(SSMLoRAConfig(r=2, init_weights=False, target_modules=["o_proj"]), adapter_name="second")
-    assert model._forward_pre_hooks and model._forward_hooks
+    assert hooked_modules(model) == ["model"]
     model.delete_adapter("first")
-    assert model._forward_pre_hooks and model._forward_hooks  # "second" still needs them
+    assert hooked_modules(model) == ["model"]  # "second" still needs them
     model.delete_adapter("second")
-    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert not hooked_modules(model)
     torch.testing.assert_close(logits(model, batch()), logits(tiny_llama(), batch()), rtol=0, atol=0)
 
 

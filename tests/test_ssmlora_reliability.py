@@ -13,7 +13,7 @@ from test_ssmlora_training import gradients, step_losses, training_args
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import Trainer
+from transformers import T5Config, T5ForConditionalGeneration, Trainer
 
 from peft_ssmlora import SSMLoRAConfig
 
@@ -143,6 +143,32 @@ def test_a_layer_called_on_its_own_after_a_forward_is_an_error(grad):
         with pytest.raises(RuntimeError, match="ran outside a forward call of its model.*Call the whole PEFT model"):
             value_in_layer_3(torch.randn(*ids.shape, 32))
     assert out.loss.isfinite()
+
+
+def test_an_inner_module_that_runs_whole_chains_can_be_called_directly():
+    """Fused-loss trainers run the decoder stack without its head; it owns the chains, so it opens its own call."""
+    model = lm()
+    model.eval()
+    ids = batches(1)[0]
+    with torch.no_grad():
+        expected = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        decoder_stack = model.base_model.model.model
+        assert torch.equal(decoder_stack(input_ids=ids).last_hidden_state, expected)
+
+
+def test_encoder_decoder_generate_runs_the_encoder_alone():
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, dropout_rate=0.0,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    model = get_peft_model(T5ForConditionalGeneration(config), SSMLoRAConfig(r=4, init_weights=False,
+                                                                            target_modules=["q", "v"]))
+    model.eval()
+    ids = batches(1, seed=8)[0]
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    with_cache = model.generate(input_ids=ids, use_cache=True, **kwargs)
+    assert torch.equal(with_cache, model.generate(input_ids=ids, use_cache=False, **kwargs))
+    with model.disable_adapter():
+        assert not torch.equal(with_cache, model.generate(input_ids=ids, use_cache=True, **kwargs))
 
 
 def test_several_calls_in_one_checkpointed_backward_are_refused_clearly():

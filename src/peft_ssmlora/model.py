@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -32,9 +33,9 @@ class SSMLoRAModel(BaseTuner):
     """Creates an SSMLoRA model from a pretrained transformers model (see `SSMLoRAConfig`).
 
     Besides the layers, the tuner owns a `ChainContext` that carries states between the modules of each chain, and
-    two hooks on the wrapped model: a forward pre-hook that opens a new call (so every call starts from zero states)
-    and refuses reentrant activation checkpointing for `state_grad="full"`, and a forward hook that closes it.
-    `unload()` and deleting the last adapter remove both.
+    two hooks on the module that runs each chain (the wrapped model's layer stack, usually): a forward pre-hook that
+    opens a new call (so every call starts from zero states) and refuses reentrant activation checkpointing for
+    `state_grad="full"`, and a forward hook that closes it. `unload()` and deleting the last adapter remove them.
     """
 
     prefix: str = "ssmlora_"
@@ -136,12 +137,7 @@ class SSMLoRAModel(BaseTuner):
         self._validate_against_model(self._prepare_adapter_config(config, self.get_model_config(model)), model)
         super().inject_adapter(model, adapter_name, **kwargs)
         self._link_chains(model, adapter_name)
-        if not self._ssmlora_hooks:
-            self._ssmlora_hooks = [
-                model.register_forward_pre_hook(self._start_forward),
-                # always_call: the call closes even when the forward raises, so the next one starts clean.
-                model.register_forward_hook(self._end_forward, always_call=True),
-            ]
+        self._install_forward_hooks(model)
 
     def _link_chains(self, model: nn.Module, adapter_name: str) -> None:
         """Give every module of `adapter_name` its chain position (this needs all of them, hence after injection)."""
@@ -152,6 +148,18 @@ class SSMLoRAModel(BaseTuner):
             module.ssmlora_chain[adapter_name] = links[key]
             module.ssmlora_context = self.chain_context
             self.chain_context.track(module)
+
+    def _install_forward_hooks(self, model: nn.Module) -> None:
+        """Hook every chain's owner: the innermost module whose forward runs the whole chain. The wrapped model
+        calls them within its own forward; so do code paths that call an inner module directly (an encoder-decoder's
+        `generate` runs the encoder alone, fused-loss trainers run the decoder stack without its head)."""
+        self._remove_forward_hooks()
+        for owner in _chain_owners(model):
+            self._ssmlora_hooks += [
+                owner.register_forward_pre_hook(self._start_forward),
+                # always_call: the call closes even when the forward raises, so the next one starts clean.
+                owner.register_forward_hook(self._end_forward, always_call=True),
+            ]
 
     def _start_forward(self, module: nn.Module, args: Any) -> None:
         # Opened first: the forward hook closes the call even when the check below raises.
@@ -201,6 +209,24 @@ class SSMLoRAModel(BaseTuner):
     def _remove_forward_hooks(self) -> None:
         while self._ssmlora_hooks:
             self._ssmlora_hooks.pop().remove()
+
+
+def _chain_owners(model: nn.Module) -> list[nn.Module]:
+    """For each chain of each adapter, the innermost module that contains all of its modules and has a forward."""
+    chains: dict[tuple[str, str], list[list[str]]] = {}
+    for key, module in model.named_modules():
+        if isinstance(module, SSMLoRALayer):
+            for adapter, link in module.ssmlora_chain.items():
+                chains.setdefault((adapter, link.chain), []).append(key.split("."))
+    owners: dict[int, nn.Module] = {}
+    for keys in chains.values():
+        path = os.path.commonprefix(keys)  # common leading name parts, e.g. ["model", "layers"]
+        owner = model.get_submodule(".".join(path))
+        while isinstance(owner, (nn.ModuleList, nn.ModuleDict)):  # containers are never called
+            path = path[:-1]
+            owner = model.get_submodule(".".join(path))
+        owners[id(owner)] = owner
+    return list(owners.values())
 
 
 def _refuse_reentrant_checkpointing(model: nn.Module) -> None:
