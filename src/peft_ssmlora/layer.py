@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .chain import ChainContext, ChainLink
+from .chain import REENTRANT_CHECKPOINTING_REFUSED, ChainContext, ChainLink
 from .config import SSMLoRAConfig
 from .step import ssmlora_step
 
@@ -124,6 +124,11 @@ class SSMLoRALayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if not self.ssmlora_A and self.ssmlora_context is not None:
+            self.ssmlora_context.layer_emptied()
+
     @torch.no_grad()
     def reset_ssmlora_parameters(self, adapter_name: str, init_weights: bool | str) -> None:
         A = self.ssmlora_A[adapter_name].weight
@@ -182,7 +187,11 @@ class Linear(nn.Module, SSMLoRALayer):
                     f"SSMLoRA layer for adapter {adapter!r} is not part of a chain; create SSMLoRA layers through "
                     "`get_peft_model` / `add_adapter`, not by hand."
                 )
-            state = self.ssmlora_context.read(adapter, link, x)
+            state, call = self.ssmlora_context.incoming_state(adapter, link, x)
+            if call is not None and call.with_grad and not torch.is_grad_enabled() and not self.detach_state[adapter]:
+                # A layer run without gradients inside a call with gradients: reentrant checkpointing's first
+                # forward (or a `no_grad` block in the model), which would cut the gradient along the chain.
+                raise RuntimeError(REENTRANT_CHECKPOINTING_REFUSED)
             result, new_state = ssmlora_step(
                 x,
                 result,
@@ -201,7 +210,8 @@ class Linear(nn.Module, SSMLoRALayer):
             if self.detach_state[adapter]:
                 # The next module would detach it anyway; detaching here frees this step's graph sooner.
                 new_state = new_state.detach()
-            self.ssmlora_context.write(adapter, link, new_state)
+            if call is not None:  # None: a recomputation, whose original forward wrote this state already
+                call.write(adapter, link, new_state)
         return result
 
     def __repr__(self) -> str:
