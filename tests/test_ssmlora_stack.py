@@ -294,13 +294,7 @@ def test_trl_sft_trainer_with_ssmlora_config(tmp_path):
     assert_trained_ssmlora(trainer, before)
 
 
-@pytest.mark.parametrize("checkpointing", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-        "DPO runs the reference forward (adapter disabled, no_grad) between the policy's forward and backward; it "
-        "clears the shared chain states that checkpointing recomputes from. Per-call chain state (branch "
-        "tuner-state) fixes this: then drop this mark."))),
-], ids=["no-checkpointing", "checkpointing"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointing"])
 def test_trl_dpo_trainer_with_ssmlora_config(tmp_path, checkpointing):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
