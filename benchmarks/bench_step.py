@@ -112,9 +112,10 @@ class LinearStack(nn.Module):
 def adapted_layer(method: str, d: int, r: int, p: float, x: torch.Tensor, adapter_dtype) -> nn.Module:
     """The middle layer of a 3-layer stack adapted by `method` ("lora" or "ssmlora") through `get_peft_model`.
 
-    For SSMLoRA one forward of the whole stack runs first, so that the middle layer reads the float32 state its
-    predecessor wrote (the chain context keeps it while gradients are on), exactly as inside a model; calling the
-    layer alone then repeats that layer's work with that incoming state. `get_peft_model` upcasts 16-bit adapter
+    For SSMLoRA a forward call of the model is opened (what the model's pre-hook does) and left open, and the first
+    layer runs in it, so that every timed call of the middle layer reads the float32 state its predecessor wrote
+    (an open call with gradients on keeps it), exactly as inside a model: a layer called outside a forward call of
+    its model is refused. `get_peft_model` upcasts 16-bit adapter
     weights to float32 by default (`autocast_adapter_dtype=True`); with `adapter_dtype` equal to the model's dtype
     that upcast is switched off, for both methods.
     """
@@ -138,7 +139,9 @@ def adapted_layer(method: str, d: int, r: int, p: float, x: torch.Tensor, adapte
                 getattr(layer, name)["default"].weight.mul_(0.1)  # moderate values: no overflow in bf16
     assert weight.dtype == adapter_dtype, (weight.dtype, adapter_dtype)
     model.train()
-    model(x.detach())  # the chain context now holds the state position 0 wrote
+    if method == "ssmlora":
+        model.base_model.chain_context.open_call()
+        model.base_model.model.layers[0](x.detach())  # writes the state the middle layer reads
     return layer
 
 
