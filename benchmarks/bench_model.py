@@ -33,8 +33,6 @@ Liger-Kernel's benchmark CSV) and `bench_model_<tag>.md` (tables with ratios aga
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 import statistics
 import sys
@@ -49,6 +47,7 @@ from benchmarks.common import (
     add_adapter,
     arguments_of,
     count_parameters,
+    csv_text,
     device_name,
     device_tag,
     host_info,
@@ -301,12 +300,7 @@ def markdown(records: list[dict]) -> str:
 def write_tables(store: RunStore, tag: str) -> tuple[Path, Path]:
     records = store.load(where=lambda r: r.get("tag") == tag and "points" in r)
     rows = [row for record in records for row in csv_rows(record)]
-    buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    csv_path = write_text_atomic(store.folder / f"bench_model_{tag}.csv", buffer.getvalue())
+    csv_path = write_text_atomic(store.folder / f"bench_model_{tag}.csv", csv_text(rows))
     title = "# Whole-model training step: SSMLoRA vs peft LoRA (`python -m benchmarks.bench_model`)\n\n"
     md_path = write_text_atomic(store.folder / f"bench_model_{tag}.md", title + markdown(records))
     return csv_path, md_path

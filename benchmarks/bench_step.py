@@ -39,8 +39,6 @@ of the tag's JSONs, `bench_step_<tag>.csv` (long form: one row per kind/provider
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 import os
 import statistics
@@ -58,6 +56,7 @@ from benchmarks.common import (
     RunStore,
     add_adapter,
     arguments_of,
+    csv_text,
     device_name,
     device_tag,
     host_info,
@@ -496,12 +495,7 @@ def measure(kind, provider, mode, x, d, r, dtype, wdt, device, state, name, args
 def write_tables(store: RunStore, tag: str, name: str, args, interp: bool) -> tuple[Path, Path]:
     """`bench_step_<tag>.csv` and `.md` from every stored shape of this tag (atomically)."""
     rows = [row for run in store.load(where=lambda run: run.get("tag") == tag) for row in run["rows"]]
-    buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    csv_path = write_text_atomic(store.folder / f"bench_step_{tag}.csv", buffer.getvalue())
+    csv_path = write_text_atomic(store.folder / f"bench_step_{tag}.csv", csv_text(rows))
     md_path = write_text_atomic(store.folder / f"bench_step_{tag}.md", _markdown(rows, name, args, interp))
     return csv_path, md_path
 

@@ -19,6 +19,7 @@ Host and tables
     `host_info()`               python, torch, platform, CPUs, threads, device, load average (stored with results)
     `device_tag()`              "cpu" or the GPU's name as a folder name: results go to results/<runner>/<tag>/
     `markdown_table(header, rows)`   one GitHub markdown table (no trailing newline)
+    `csv_text(rows)`            long-form CSV of a list of dicts (columns from the first row)
     `write_text_atomic(path, text)`  temp file + rename: a reader never sees half a file
 
 Run store (resume only what is identical)
@@ -268,6 +269,19 @@ def markdown_table(header: list[str], rows: Iterable[Iterable[Any]], align: list
              "|" + "".join(marks[a] + "|" for a in (align or [""] * len(header)))]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    """A list of dicts as CSV text, the first row's keys as the header; empty text for no rows."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def _umask() -> int:
