@@ -11,7 +11,9 @@ Training settings (one adapter each, same model, adapter and budget):
     zs            no training (zero-shot)
     sft_closed    fine-tuned closed-book (vanilla SFT: -log p(y | x))
     rare          fine-tuned with the BM25 top-k passages in the prompt (RARE: -log p(y | x, R(x)))
-    rare_raft     RARE with RAFT distractors (the gold pair kept with probability p, plus k - 2 distractors)
+    rare_raft     RARE with RAFT distractors (the gold pair kept with probability p, plus k - 2 distractors;
+                  until rare_data's RAFT replaces a dropped gold passage by a distractor -- the fix of issue 13 on
+                  branch rare-data -- a prompt without its gold pair shows only the k - 2 distractors)
 
 Test conditions (every trained model is evaluated in each; one JSON per (training setting, test condition)):
 
@@ -116,8 +118,11 @@ def load_or_generate(args) -> tuple[dict[str, list[dict]], str]:
 
 
 def recipe_of(args) -> rkd.Recipe:
-    return rkd.Recipe(train_drugs=args.train_drugs, test_drugs=args.test_drugs, drugs_per_target=args.drugs_per_target,
-                      edit_fraction=args.edit_fraction)
+    try:
+        return rkd.Recipe(train_drugs=args.train_drugs, test_drugs=args.test_drugs,
+                          drugs_per_target=args.drugs_per_target, edit_fraction=args.edit_fraction)
+    except ValueError as error:
+        raise SystemExit(f"bad data recipe: {error}") from None
 
 
 def retriever_for(corpus: list[dict]) -> BM25Retriever:

@@ -226,3 +226,26 @@ def test_table_only_writes_the_table(tmp_path):
     assert rk.main(["--table-only", "--output-dir", str(tmp_path)]) == []
     table = (tmp_path / "table.md").read_text()
     assert "| rare | bm25 | ssmlora | answer-rationale | k4 | 2 | 70.0 ± 14.1 | 0.70 ± 0.00 | – |" in table
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--write-data", "unused", "--test-drugs", "3"], "bad data recipe: each world needs at least two targets"),
+    (["--write-data", "unused", "--edit-fraction", "1.5"], "bad data recipe: edit_fraction"),
+])
+def test_bad_recipe_is_a_clear_error(argv, message, tmp_path):
+    argv[1] = str(tmp_path / "data")
+    with pytest.raises(SystemExit, match=message):
+        rk.main(argv)
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("argv", [["--k", "1"], ["--trainings", "rare,bogus"], ["--tests", "edited"],
+                                  ["--max-test", "0"]])
+def test_bad_arguments_are_rejected(argv):
+    with pytest.raises(SystemExit):
+        rk.parse_args(argv)
+
+
+def test_missing_data_files_name_the_fix(tmp_path):
+    with pytest.raises(SystemExit, match="lacks corpus.jsonl.*--write-data"):
+        rkd.load_data(tmp_path)
