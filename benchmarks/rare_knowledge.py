@@ -386,6 +386,9 @@ def save_result(path: Path, result: dict) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(result, f, indent=1)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

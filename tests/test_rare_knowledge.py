@@ -223,6 +223,8 @@ def test_table_only_writes_the_table(tmp_path):
     for s, acc in ((0, 0.6), (1, 0.8)):
         rk.save_result(tmp_path / f"r{s}.json", {**result, "seed": s, "accuracy": acc})
     (tmp_path / "broken.json").write_text("{")  # reported and skipped, not fatal
+    assert (tmp_path / "r0.json").stat().st_mode & 0o777 == (tmp_path / "broken.json").stat().st_mode & 0o777
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temp file
     assert rk.main(["--table-only", "--output-dir", str(tmp_path)]) == []
     table = (tmp_path / "table.md").read_text()
     assert "| rare | bm25 | ssmlora | answer-rationale | k4 | 2 | 70.0 ± 14.1 | 0.70 ± 0.00 | – |" in table
