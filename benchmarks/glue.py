@@ -29,14 +29,26 @@ import numpy as np
 
 # Make `glue_tasks` importable both as `python benchmarks/glue.py` and as `benchmarks.glue` from the tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from glue_tasks import TASKS, GlueTask, compute_metrics, get_task, load_task, task_score  # noqa: E402
+from glue_tasks import (  # noqa: E402
+    TASKS,
+    GlueTask,
+    compute_metrics,
+    get_task,
+    load_task,
+    majority_metrics,
+    task_score,
+)
 
-METHODS = ("ssmlora", "lora", "full", "bitfit")
-ADAPTER_METHODS = ("ssmlora", "lora")
+# `lora-sparse` and `lora-half` are the two ablations of SSMLoRA's state path: LoRA on exactly SSMLoRA's modules
+# (q in even, v in odd layers) without the state, and LoRA on LoRA's modules at half the rank (SSMLoRA's parameter
+# count). Together they answer whether the state path earns its place.
+METHODS = ("ssmlora", "lora", "lora-sparse", "lora-half", "full", "bitfit")
+ADAPTER_METHODS = ("ssmlora", "lora", "lora-sparse", "lora-half")
+LORA_METHODS = ("lora", "lora-sparse", "lora-half")
 
 # Learning rate when --lr is not given. The adapters share one budget (5e-4: where LoRA learns on MiniLM, see
 # ../shared/docs/ssmlora-method.md); full fine-tuning diverges at that rate, so it gets the usual 2e-5.
-DEFAULT_LR = {"ssmlora": 5e-4, "lora": 5e-4, "full": 2e-5, "bitfit": 5e-4}
+DEFAULT_LR = {"ssmlora": 5e-4, "lora": 5e-4, "lora-sparse": 5e-4, "lora-half": 5e-4, "full": 2e-5, "bitfit": 5e-4}
 
 # Presets fill in every option the user did not give on the command line.
 PRESETS = {
@@ -79,6 +91,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ssmlora-init", choices=["gaussian", "kaiming"], default=None,
                    help="SSMLoRA's init of A: peft LoRA's kaiming-uniform or the paper's N(0, 1/r) (preset: kaiming)")
     p.add_argument("--lr", type=float, default=None, help=f"learning rate (per-method default: {DEFAULT_LR})")
+    p.add_argument("--lr-from", default=None,
+                   help="folder of --holdout-fraction runs: each method trains at the rate that scored best there on "
+                        "this task (lora-sparse and lora-half at lora's rate); overrides --lr")
+    p.add_argument("--holdout-fraction", type=float, default=None,
+                   help="learning-rate selection: train on the rest and evaluate on this held-out fraction of the "
+                        "train set (a fixed slice, never the dev set)")
     p.add_argument("--epochs", type=float, default=None, help="training epochs (preset: 3)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (preset: 16)")
     p.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens (preset: 128)")
@@ -105,6 +123,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.seeds = [int(s) for s in args.seed.split(",") if s.strip()]
     except ValueError:
         p.error(f"--seed must be a comma list of integers, got {args.seed!r}")
+    if args.holdout_fraction is not None and not 0 < args.holdout_fraction < 1:
+        p.error(f"--holdout-fraction must lie in (0, 1), got {args.holdout_fraction}")
+    if args.lr_from is not None and args.lr is not None:
+        p.error("--lr and --lr-from exclude each other: --lr-from picks each method's rate")
+    for name in ("max_train_samples", "max_eval_samples", "epochs", "batch_size", "max_length", "rank"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not args.table_only:
         if args.task is None:
             p.error("--task is required (unless --table-only)")
@@ -144,11 +170,13 @@ def apply_method(model, method: str, args: argparse.Namespace):
             init_weights=args.ssmlora_init,
         )
         return get_peft_model(model, config)
-    if method == "lora":
+    if method in LORA_METHODS:
         from peft import LoraConfig, get_peft_model
 
         # target_modules=None: peft's default for the family (query and value in every layer for BERT/RoBERTa).
-        config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.1, task_type="SEQ_CLS")
+        rank, alpha = method_rank_alpha(args, method)
+        targets = ssmlora_module_names(model, args) if method == "lora-sparse" else None
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.1, task_type="SEQ_CLS", target_modules=targets)
         return get_peft_model(model, config)
     if method == "full":
         for p in model.parameters():
@@ -159,6 +187,18 @@ def apply_method(model, method: str, args: argparse.Namespace):
             p.requires_grad = name.endswith("bias") or is_head_parameter(name)
         return model
     raise ValueError(f"unknown method {method!r}")
+
+
+def ssmlora_module_names(model, args: argparse.Namespace) -> list[str]:
+    """The full names of the modules SSMLoRA adapts in `model` (its default staggered placement), found by wrapping
+    a copy: `lora-sparse` then puts LoRA on exactly these modules, whatever the model family."""
+    import copy
+
+    import peft_ssmlora
+
+    wrapped = apply_method(copy.deepcopy(model), "ssmlora", args)
+    prefix = "base_model.model."
+    return [name.removeprefix(prefix) for name, m in wrapped.named_modules() if isinstance(m, peft_ssmlora.Linear)]
 
 
 def count_parameters(model) -> dict[str, int]:
@@ -178,25 +218,66 @@ def count_parameters(model) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_name(task: str, method: str, rank: int, seed: int) -> str:
-    # rank only matters to the adapters; full/bitfit runs are keyed without it
-    return f"{task}-{method}-r{rank}-seed{seed}" if method in ADAPTER_METHODS else f"{task}-{method}-seed{seed}"
+def run_name(task: str, method: str, rank: int, seed: int, lr: float | None = None) -> str:
+    # rank only matters to the adapters; full/bitfit runs are keyed without it. Learning-rate selection runs
+    # (`lr` given) also carry their rate, since one folder holds every rate tried.
+    name = f"{task}-{method}-r{rank}" if method in ADAPTER_METHODS else f"{task}-{method}"
+    return name + (f"-lr{lr:g}" if lr is not None else "") + f"-seed{seed}"
 
 
 def run_config(args: argparse.Namespace, method: str, seed: int) -> dict:
     """Everything that defines a run; stored in its JSON and compared on resume."""
     cfg = {
         "task": args.glue_task.name, "method": method, "seed": seed, "model": args.model, "preset": args.preset,
-        "lr": args.lr if args.lr is not None else DEFAULT_LR[method], "epochs": args.epochs,
+        "lr": method_lr(args, method), "epochs": args.epochs,
         "batch_size": args.batch_size, "max_length": args.max_length,
         "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples,
     }
+    if args.holdout_fraction is not None:  # only then, so that the JSONs of earlier grids still match on resume
+        cfg["holdout_fraction"] = args.holdout_fraction
     if method in ADAPTER_METHODS:
-        cfg.update(rank=args.rank, alpha=args.alpha)
+        rank, alpha = method_rank_alpha(args, method)
+        cfg.update(rank=rank, alpha=alpha)
     if method == "ssmlora":
         cfg.update(ssmlora_scaling=args.ssmlora_scaling, state_dropout=args.state_dropout, norm_eps=args.norm_eps)
         cfg.update(ssmlora_init=args.ssmlora_init)
     return cfg
+
+
+def method_rank_alpha(args: argparse.Namespace, method: str) -> tuple[int, float]:
+    # lora-half keeps alpha/r: at half the rank it has lora's scale, only half the parameters.
+    if method == "lora-half":
+        return args.rank // 2, args.alpha / 2
+    return args.rank, args.alpha
+
+
+def method_lr(args: argparse.Namespace, method: str) -> float:
+    if args.lr is not None:
+        return args.lr
+    if getattr(args, "selected_lr", None):
+        return args.selected_lr[method]
+    return DEFAULT_LR[method]
+
+
+def select_learning_rates(selection_dir: Path, task: str, methods: list[str]) -> dict[str, float]:
+    """Each method's learning rate: the best held-out score among the selection runs (`--holdout-fraction`) of this
+    task in `selection_dir`, seed by seed averaged; the ablations lora-sparse / lora-half take lora's rate."""
+    runs = [r for r in load_runs(selection_dir)
+            if r["config"]["task"] == task and r["config"].get("holdout_fraction") is not None]
+    chosen = {}
+    for method in methods:
+        own = "lora" if method in ("lora-sparse", "lora-half") else method
+        scores: dict[float, list[float]] = defaultdict(list)
+        for r in runs:
+            if r["config"]["method"] == own:
+                scores[r["config"]["lr"]].append(r["score"])
+        if not scores:
+            raise SystemExit(f"--lr-from {selection_dir}: no learning-rate selection runs of {own} on {task}; run "
+                             f"them first with --holdout-fraction and several --lr values into that folder")
+        chosen[method] = max(scores, key=lambda lr: (np.mean(scores[lr]), -lr))
+        print(f"{task} {method}: lr {chosen[method]:g} (held-out score by rate: "
+              + ", ".join(f"{lr:g}: {np.mean(v):.2f}" for lr, v in sorted(scores.items())) + ")", flush=True)
+    return chosen
 
 
 def tokenize(dataset, tokenizer, max_length: int):
@@ -216,6 +297,10 @@ def load_data(args: argparse.Namespace, tokenizer):
     if args.max_train_samples is not None and args.max_train_samples < len(train):
         # A fixed shuffle (seed 0), independent of the run seed: every method and seed trains on the same subset.
         train = train.shuffle(seed=0).select(range(args.max_train_samples))
+    if args.holdout_fraction is not None:
+        # Learning-rate selection: a fixed slice of the (subsampled) train set replaces the dev set.
+        split = train.train_test_split(test_size=args.holdout_fraction, seed=0)
+        train, devs = split["train"], {"holdout": split["test"]}
     if args.max_eval_samples is not None:
         devs = {k: d.select(range(min(args.max_eval_samples, len(d)))) for k, d in devs.items()}
     train = tokenize(train, tokenizer, args.max_length)
@@ -243,7 +328,7 @@ def run_one(args, method: str, seed: int, tokenizer, train, devs, n_train_full: 
     base_params = sum(p.numel() for p in model.parameters())
     model = apply_method(model, method, args)
     params = count_parameters(model)
-    print(f"[{run_name(task.name, method, args.rank, seed)}] trainable: adapter {params['adapter']:,}, "
+    print(f"[{run_name(task.name, method, method_rank_alpha(args, method)[0], seed)}] trainable: adapter {params['adapter']:,}, "
           f"head {params['head']:,} (base model {base_params:,})", flush=True)
 
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
@@ -261,12 +346,19 @@ def run_one(args, method: str, seed: int, tokenizer, train, devs, n_train_full: 
         train_time = time.perf_counter() - t0
 
         metrics: dict[str, float] = {}
+        majority: dict[str, float] = {}
+        predictions: dict[str, list] = {}
         t0 = time.perf_counter()
         for dev_name, dev in devs.items():
             pred = trainer.predict(dev)
-            m = compute_metrics(task, pred.predictions, pred.label_ids)
             prefix = "" if len(devs) == 1 else f"{dev_name}/"  # MNLI: dev_matched/accuracy, dev_mismatched/...
+            m = compute_metrics(task, pred.predictions, pred.label_ids)
             metrics.update({prefix + k: v for k, v in m.items()})
+            m = majority_metrics(task, train["label"], pred.label_ids)
+            majority.update({prefix + k: v for k, v in m.items()})
+            # per-example outputs, for paired bootstrap intervals between methods on the same examples
+            out = pred.predictions.reshape(-1) if task.is_regression else pred.predictions.argmax(-1)
+            predictions[dev_name] = out.tolist()
         eval_time = time.perf_counter() - t0
 
     n_seen = len(train) * args.epochs
@@ -274,6 +366,10 @@ def run_one(args, method: str, seed: int, tokenizer, train, devs, n_train_full: 
         "config": cfg,
         "metrics": metrics,
         "score": task_score(task, metrics),
+        "majority_metrics": majority,
+        "majority_score": task_score(task, majority),
+        "dev_predictions": predictions,
+        "dev_labels": {k: list(d["label"]) for k, d in devs.items()},
         "trainable_params": params,
         "base_model_params": base_params,
         "train_examples": len(train),
@@ -307,7 +403,7 @@ def measure_throughput(args, tokenizer, train, steps: int, warmup: int = 3) -> d
     for method in args.methods:
         model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=task.num_labels)
         models[method] = apply_method(model, method, args).train()
-        lr = args.lr if args.lr is not None else DEFAULT_LR[method]
+        lr = method_lr(args, method)
         optimizers[method] = torch.optim.AdamW([p for p in models[method].parameters() if p.requires_grad], lr=lr)
     collate = DataCollatorWithPadding(tokenizer)
     rows = train.shuffle(seed=0)
@@ -394,6 +490,16 @@ def build_table(runs: list[dict]) -> str:
         row.append(str(len({r["config"]["seed"] for r in rs})))
         lines.append("| " + " | ".join(row) + " |")
 
+    majority = {}
+    for r in runs:
+        for k, v in r.get("majority_metrics", {}).items():
+            majority.setdefault((r["config"]["task"], k), v)
+    if majority:
+        row = ["majority class", "0", "0"] + [f"{majority[c]:.2f}" if c in majority else "–" for c in metric_cols]
+        lines.append("| " + " | ".join(row + ["", ""]) + " |")
+
+    lines += ["", build_paired_differences(runs)]
+
     # Cost: training throughput and wall time per run, by task.
     lines += ["", "| method | " + " | ".join(f"{t.upper()} train ex/s" for t in tasks)
               + " | " + " | ".join(f"{t.upper()} s/run" for t in tasks) + " |",
@@ -403,6 +509,51 @@ def build_table(runs: list[dict]) -> str:
         wall = [[r["wall_time_s"] for r in rs if r["config"]["task"] == t] for t in tasks]
         lines.append("| " + label + " | " + " | ".join(f"{np.mean(v):.1f}" if v else "–" for v in eps) + " | "
                      + " | ".join(f"{np.mean(v):.0f}" if v else "–" for v in wall) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _score(task: GlueTask, outputs: np.ndarray, labels: np.ndarray) -> float:
+    """Task score from stored per-example outputs (class ids, or regression scores)."""
+    if not task.is_regression:
+        outputs = np.eye(task.num_labels)[outputs]  # one-hot logits for compute_metrics
+    return task_score(task, compute_metrics(task, outputs, labels))
+
+
+def build_paired_differences(runs: list[dict], reference: str = "ssmlora", n_boot: int = 1000) -> str:
+    """Markdown: `reference` minus each other adapter method, per task: the per-seed score differences (same seed,
+    same data) and a paired bootstrap 95 % interval of their mean, resampling dev examples (the same resample for
+    both methods and every seed). Only runs that stored their per-example dev outputs take part."""
+    rng = np.random.default_rng(0)
+    lines = [f"Paired differences, {reference} minus the other method (score points; per seed, then mean with a "
+             f"bootstrap 95 % interval over dev examples, {n_boot} resamples):", "",
+             "| task | vs method | per-seed differences | mean [95 % CI] |", "|---|---|---|---|"]
+    by_key = {(r["config"]["task"], r["config"]["method"], r["config"]["seed"]): r for r in runs
+              if len(r.get("dev_predictions", {})) == 1}  # one dev set (MNLI's two are left out)
+    for t in [t for t in TASKS if any(k[0] == t for k in by_key)]:
+        task = TASKS[t]
+        for other in ADAPTER_METHODS:
+            if other == reference:
+                continue
+            seeds = sorted(s for (tt, m, s) in by_key if tt == t and m == reference and (t, other, s) in by_key)
+            if not seeds:
+                continue
+            pairs = []
+            for seed in seeds:
+                a, b = by_key[(t, reference, seed)], by_key[(t, other, seed)]
+                (labels,) = a["dev_labels"].values()
+                (pa,), (pb,) = a["dev_predictions"].values(), b["dev_predictions"].values()
+                pairs.append((np.asarray(pa), np.asarray(pb), np.asarray(labels)))
+            diffs = [a["score"] - b["score"] for a, b in
+                     ((by_key[(t, reference, s)], by_key[(t, other, s)]) for s in seeds)]
+            n = len(pairs[0][2])
+            boot = []
+            for _ in range(n_boot):
+                idx = rng.integers(0, n, n)
+                boot.append(np.mean([_score(task, pa[idx], y[idx]) - _score(task, pb[idx], y[idx])
+                                     for pa, pb, y in pairs]))
+            lo, hi = np.percentile(boot, [2.5, 97.5])
+            lines.append(f"| {t.upper()} | {other} | {', '.join(f'{d:+.2f}' for d in diffs)} | "
+                         f"{np.mean(diffs):+.2f} [{lo:+.2f}, {hi:+.2f}] |")
     return "\n".join(lines) + "\n"
 
 
@@ -473,10 +624,14 @@ def main(argv=None) -> int:
         print(f"wrote {path}")
         return 0
 
+    if args.lr_from is not None:
+        args.selected_lr = select_learning_rates(Path(args.lr_from), task.name, args.methods)
     todo = []
     for method in args.methods:
         for seed in args.seeds:
-            path = output_dir / f"{run_name(task.name, method, args.rank, seed)}.json"
+            lr_in_name = method_lr(args, method) if args.holdout_fraction is not None else None
+            rank = method_rank_alpha(args, method)[0]
+            path = output_dir / f"{run_name(task.name, method, rank, seed, lr_in_name)}.json"
             if path.exists():
                 old = json.loads(path.read_text()).get("config", {})
                 if old != run_config(args, method, seed):
@@ -500,7 +655,8 @@ def main(argv=None) -> int:
         tmp = path.with_suffix(".json.tmp")  # write-then-rename: an interrupted run never leaves a half JSON
         tmp.write_text(json.dumps(result, indent=2))
         tmp.replace(path)
-        print(f"[{path.stem}] {result['metrics']} score {result['score']:.2f}, "
+        print(f"[{path.stem}] {task.name.upper()} {'held-out' if args.holdout_fraction else 'dev'} score "
+              f"{result['score']:.2f} (majority class {result['majority_score']:.2f}), {result['metrics']}, "
               f"{result['train_examples_per_s']:.1f} train ex/s, {result['wall_time_s']:.0f} s", flush=True)
         write_reports(output_dir, plot=False)  # the table after every run, so partial sweeps are readable
     write_reports(output_dir)

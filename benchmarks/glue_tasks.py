@@ -201,6 +201,18 @@ def compute_metrics(task: GlueTask, predictions: np.ndarray, labels: np.ndarray)
     return out
 
 
+def majority_metrics(task: GlueTask, train_labels, dev_labels) -> dict[str, float]:
+    """The official metrics of always predicting the train set's most frequent class (regression: its mean)."""
+    train_labels = np.asarray(train_labels)
+    n = len(np.asarray(dev_labels))
+    if task.is_regression:  # a constant prediction has no correlation; report 0 rather than NaN
+        return {m: 0.0 for m in task.metrics}
+    majority = int(np.bincount(train_labels.astype(int), minlength=task.num_labels).argmax())
+    logits = np.zeros((n, task.num_labels))
+    logits[:, majority] = 1.0
+    return compute_metrics(task, logits, dev_labels)
+
+
 def task_score(task: GlueTask, metrics: dict[str, float]) -> float:
     """One number per task, as the GLUE leaderboard forms it: the mean of the task's official metrics (MRPC/QQP: F1
     and accuracy; STS-B: Pearson and Spearman; MNLI: matched and mismatched accuracy)."""

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import site
 import sys
@@ -54,12 +53,15 @@ from transformers import set_seed
 
 from rare_data import (
     BM25Retriever,
+    ChoiceScorer,
     PromptTemplate,
     RAREDataCollator,
     RAREEpochCallback,
     accuracy,
     extract_answer,
     load_pubmedqa,
+    macro_f1,
+    progress,
     validity_rate,
 )
 
@@ -207,7 +209,8 @@ def make_collator(tokenizer, retriever, args, setting: str, raft: bool = False) 
     if raft:
         kwargs = {"num_distractors": args.num_distractors, "p_keep_gold": args.p_keep_gold, "shuffle_passages": True}
     return RAREDataCollator(tokenizer, retriever=retriever, k=args.k, max_length=args.max_length,
-                            max_passage_tokens=args.max_passage_tokens, template=template_for(args.response_format),
+                            max_passage_tokens=args.max_passage_tokens, passage_fit=args.passage_fit,
+                            template=template_for(args.response_format),
                             on_overflow="drop", setting=setting, seed=args.seed, **kwargs)
 
 
@@ -230,7 +233,7 @@ def train(model, tokenizer, retriever, train_set, args, train_setting: str) -> d
             gradient_accumulation_steps=args.grad_accum, num_train_epochs=args.epochs, learning_rate=args.lr,
             lr_scheduler_type="linear", warmup_steps=args.warmup_steps, weight_decay=0.0, logging_steps=1,
             save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
-            dataloader_num_workers=0, seed=args.seed, disable_tqdm=True)
+            dataloader_num_workers=0, seed=args.seed, disable_tqdm=not sys.stderr.isatty())
         trainer = Trainer(model=model, args=targs, train_dataset=train_set, data_collator=collator,
                           callbacks=[RAREEpochCallback(collator)])
         start = time.time()
@@ -244,43 +247,15 @@ def train(model, tokenizer, retriever, train_set, args, train_setting: str) -> d
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------------
-class AnswerScorer:
-    """Log-likelihood of each answer right after the ``<answer>`` tag that opens an answer-first response.
+class AnswerScorer(ChoiceScorer):
+    """yes / no / maybe scored right after the ``<answer>`` tag that opens an answer-first response.
 
-    The candidate responses ``<answer>yes``, ``<answer>no`` and ``<answer>maybe`` are tokenised exactly as the
-    collator tokenises a response (on their own, no special tokens). When every candidate is the shared tag prefix
-    plus a single token (true for SmolLM2) one forward pass gives all three scores; otherwise each candidate is
-    scored by its own forward pass (the sum of its answer tokens' log-probabilities).
+    ``rare_data.ChoiceScorer``: each answer's score sums its surface variants ("yes", " yes", "Yes", " Yes"), so the
+    zero-shot rows do not depend on which spelling the base model prefers.
     """
 
     def __init__(self, tokenizer):
-        self.candidates = {a: tokenizer(f"<answer>{a}", add_special_tokens=False)["input_ids"] for a in ANSWERS}
-        seqs = list(self.candidates.values())
-        prefix = 0
-        while all(len(s) > prefix and s[prefix] == seqs[0][prefix] for s in seqs):
-            prefix += 1
-        self.prefix = seqs[0][:prefix]
-        self.fast = all(len(s) == prefix + 1 for s in seqs)
-
-    @torch.no_grad()
-    def score(self, model, prompt_ids: list[int]) -> tuple[dict[str, float], float]:
-        """Returns ({answer: log-likelihood}, probability mass of the three answers' first tokens)."""
-        device = model.device
-        if self.fast:
-            ids = torch.tensor([prompt_ids + self.prefix], device=device)
-            logits = model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()
-            logp = torch.log_softmax(logits, -1)
-            scores = {a: logp[s[-1]].item() for a, s in self.candidates.items()}
-            return scores, sum(math.exp(v) for v in scores.values())
-        scores, mass = {}, 0.0
-        for a, cand in self.candidates.items():
-            ids = torch.tensor([prompt_ids + cand], device=device)
-            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-            start = len(prompt_ids) + len(self.prefix)
-            # logits at position t predict token t + 1
-            scores[a] = sum(logp[t - 1, ids[0, t]].item() for t in range(start, ids.shape[1]))
-            mass += math.exp(logp[start - 1, ids[0, start]].item())
-        return scores, mass
+        super().__init__(tokenizer, ANSWERS, prefix="<answer>")
 
 
 @torch.no_grad()
@@ -289,10 +264,10 @@ def evaluate(model, tokenizer, retriever, test_set, args, eval_setting: str) -> 
     model.eval()
     collator = make_collator(tokenizer, retriever, args, eval_setting)
     scorer = AnswerScorer(tokenizer) if args.eval == "scored" else None
-    reserve = len(scorer.candidates["maybe"]) if scorer else args.max_new_tokens
+    reserve = scorer.max_new_tokens if scorer else args.max_new_tokens
     answers, references, prompt_lengths, shown, gold_shown, masses, outputs = [], [], [], [], [], [], []
     start = time.time()
-    for example in test_set:
+    for example in progress(test_set, desc=f"evaluating ({eval_setting})"):
         encoded = collator.encode_prompt(example, max_new_tokens=reserve)
         if encoded is None:  # counted as a wrong answer, never silently skipped
             answers.append(None)
@@ -317,8 +292,11 @@ def evaluate(model, tokenizer, retriever, test_set, args, eval_setting: str) -> 
         references.append(example["answer"])
         outputs.append({"id": example["id"], "gold": example["answer"], "pred": answers[-1], **output})
     seconds = time.time() - start
+    print(f"[{eval_setting}] passages: {collator.truncation_report()}", flush=True)
     return {
         "accuracy": accuracy(answers, references),
+        "macro_f1": macro_f1(answers, references, labels=ANSWERS),
+        "eval_truncation": dict(collator.stats),
         "validity": validity_rate(answers) if args.eval == "generate" else None,
         "answer_mass": sum(masses) / len(masses) if masses else None,
         "predictions": dict(Counter(a if a is not None else "invalid" for a in answers)),
@@ -431,7 +409,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-test", type=int, default=None, help="random subset of the 500 test questions")
     p.add_argument("--k", type=int, default=3, help="passages per prompt (BM25 top k)")
     p.add_argument("--max-length", type=int, default=1024, help="tokens per example (prompt + response)")
-    p.add_argument("--max-passage-tokens", type=int, default=256, help="each passage cut to this many tokens")
+    p.add_argument("--max-passage-tokens", type=lambda v: None if v.lower() == "none" else int(v), default=None,
+                   help="fixed cap on each passage's tokens ('none': the cap is sized from --max-length)")
+    p.add_argument("--passage-fit", default="shorten", choices=["shorten", "drop"],
+                   help="passages too long for --max-length: cut to a common budget-sized cap, or dropped whole")
     p.add_argument("--num-distractors", type=int, default=1, help="RAFT: distractors per prompt")
     p.add_argument("--p-keep-gold", type=float, default=0.8, help="RAFT: probability of keeping the gold passages")
     p.add_argument("--distractor-pool", type=int, default=5, help="RAFT: top BM25 non-gold passages to sample from")
@@ -516,7 +497,8 @@ def main(argv=None) -> list[dict]:
         }
         (output_dir / f"{run_name(setting_name, args)}.json").write_text(json.dumps(result, indent=1))
         write_table(output_dir)
-        print(f"[{setting_name}] accuracy {100 * result['accuracy']:.1f}  predictions {result['predictions']}  "
+        print(f"[{setting_name}] accuracy {100 * result['accuracy']:.1f}  macro-F1 {100 * result['macro_f1']:.1f}  "
+              f"predictions {result['predictions']}  "
               f"train {train_stats.get('train_seconds', 0)} s  eval {metrics['eval_seconds']} s", flush=True)
         results.append(result)
         if all(SETTINGS[s].train != setting.train for s in todo[todo.index(setting_name) + 1:]) and setting.train:

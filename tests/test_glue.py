@@ -225,3 +225,71 @@ def test_interleaved_throughput_measurement(tiny_bert, glue_dir, tmp_path):
     assert result["timed_steps"] == 2 and set(result["methods"]) == {"ssmlora", "lora"}
     assert all(m["train_examples_per_s"] > 0 for m in result["methods"].values())
     assert not (tmp_path / "table.md").exists()  # timing only: no training runs, no table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The ablations of SSMLoRA's state path, learning-rate selection, majority baselines and paired differences
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_sparse_targets_exactly_ssmlora_modules(tiny_bert):
+    from transformers import AutoModelForSequenceClassification
+
+    args = glue.parse_args(["--task", "sst2", "--model", str(tiny_bert)])
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    names = glue.ssmlora_module_names(model, args)
+    assert names == [f"bert.encoder.layer.{i}.attention.self.{'query' if i % 2 == 0 else 'value'}" for i in range(4)]
+    assert not any("lora" in n for n, _ in model.named_modules())  # the model itself was not wrapped
+
+
+def test_ablation_methods_majority_baseline_and_paired_differences(tiny_bert, glue_dir, tmp_path):
+    methods = "ssmlora,lora,lora-sparse,lora-half"
+    assert _run(tiny_bert, glue_dir, tmp_path, "sst2", methods=methods, extra=["--seed", "0,1"]) == 0
+    runs = {m: [json.loads((tmp_path / f"sst2-{m}-r{4 if m == 'lora-half' else 8}-seed{s}.json").read_text())
+                for s in (0, 1)] for m in methods.split(",")}
+    # LoRA on SSMLoRA's four modules, and LoRA at half the rank on all eight: both half of LoRA's parameters.
+    assert runs["lora-sparse"][0]["trainable_params"]["adapter"] == 4 * 8 * 64 == LORA_PARAMS // 2
+    assert runs["lora-half"][0]["trainable_params"]["adapter"] == 8 * 4 * 64 == LORA_PARAMS // 2
+    assert runs["lora-half"][0]["config"]["alpha"] == 8  # alpha / r kept: the same scale as lora
+    run = runs["ssmlora"][0]
+    assert len(run["dev_predictions"]["dev"]) == len(run["dev_labels"]["dev"]) == 10
+    assert run["majority_score"] == 50.0  # train labels alternate 0/1: majority class 0, dev holds 5 of each
+    table = (tmp_path / "table.md").read_text()
+    assert "| majority class | 0 | 0 | 50.00 |" in table
+    for other in ("lora", "lora-sparse", "lora-half"):
+        diffs = [a["score"] - b["score"] for a, b in zip(runs["ssmlora"], runs[other])]
+        row = next(line for line in table.splitlines() if line.startswith(f"| SST2 | {other} |"))
+        assert f"{diffs[0]:+.2f}, {diffs[1]:+.2f}" in row and f"{np.mean(diffs):+.2f} [" in row
+
+
+def test_learning_rate_selection_on_a_held_out_slice(tiny_bert, glue_dir, tmp_path):
+    sel = tmp_path / "select"
+    for lr in ("1e-4", "3e-2"):
+        assert _run(tiny_bert, glue_dir, sel, "sst2", extra=["--lr", lr, "--holdout-fraction", "0.25"]) == 0
+    run = json.loads((sel / "sst2-lora-r8-lr0.03-seed0.json").read_text())
+    assert run["dev_examples"] == {"holdout": 6} and run["train_examples"] == 18  # 24 train rows, never dev
+    best = {}
+    for m in ("lora", "ssmlora"):
+        scores = {lr: json.loads((sel / f"sst2-{m}-r8-lr{lr}-seed0.json").read_text())["score"]
+                  for lr in ("0.0001", "0.03")}
+        best[m] = float(max(scores, key=lambda lr: (scores[lr], -float(lr))))
+    out = tmp_path / "main"
+    assert _run(tiny_bert, glue_dir, out, "sst2", methods="ssmlora,lora-sparse", extra=["--lr-from", str(sel)]) == 0
+    assert json.loads((out / "sst2-ssmlora-r8-seed0.json").read_text())["config"]["lr"] == best["ssmlora"]
+    assert json.loads((out / "sst2-lora-sparse-r8-seed0.json").read_text())["config"]["lr"] == best["lora"]
+    with pytest.raises(SystemExit):  # nothing to select from
+        _run(tiny_bert, glue_dir, tmp_path / "x", "sst2", extra=["--lr-from", str(tmp_path / "empty")])
+
+
+@pytest.mark.parametrize("bad", [["--max-train-samples", "0"], ["--max-eval-samples", "0"], ["--lr", "1e-3",
+                                 "--lr-from", "x"], ["--holdout-fraction", "1.5"], ["--method", "lora-r4"]])
+def test_bad_arguments_stop_before_training(bad):
+    with pytest.raises(SystemExit):
+        glue.parse_args(["--task", "sst2", *bad])
+
+
+def test_majority_metrics():
+    mrpc, cola = glue_tasks.get_task("mrpc"), glue_tasks.get_task("cola")
+    m = glue_tasks.majority_metrics(mrpc, [1, 1, 0], np.array([1, 0, 1, 1]))  # always "paraphrase"
+    assert m["accuracy"] == pytest.approx(75.0) and m["f1"] == pytest.approx(100 * 2 * 0.75 / 1.75)
+    assert glue_tasks.majority_metrics(cola, [1, 1, 0], np.array([1, 0]))["mcc"] == 0.0

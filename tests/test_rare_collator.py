@@ -200,7 +200,9 @@ def test_raft_sampling_is_a_function_of_seed_example_and_epoch():
     first = shown(a, examples)
     kept = [ex["gold_passage_ids"][0] in ids for ex, ids in zip(examples, first)]
     assert 0 < sum(kept) < len(kept)  # p_keep_gold=0.5 keeps some and drops some
-    assert all(len(ids) == 2 + k for ids, k in zip(first, kept))
+    # RAFT keeps the document count constant: a dropped gold passage is replaced by a distractor, so the number
+    # of passages never gives away whether the gold one is there
+    assert all(len(ids) == 3 for ids in first)
     a.set_epoch(1)
     assert shown(a, examples) != first  # a new epoch draws new distractors
     assert shown(RAREDataCollator(tokenizer, seed=2, **opts), examples) != first
@@ -262,3 +264,124 @@ def test_bad_options_and_inputs_raise_clear_errors():
         RAREDataCollator(tokenizer, num_distractors=1)([{"question": "q", "response": "r", "passages": ["a"]}])
     with pytest.raises(KeyError, match="response"):
         collator([{"question": "q", "passages": ["a"]}])
+
+
+# ---- strict inputs: nothing is ever rendered as the text "None" ------------------------------------------------
+@pytest.mark.parametrize("field, value, error, match", [
+    ("question", None, TypeError, "'question' is NoneType"),
+    ("question", 42, TypeError, "'question' is int"),
+    ("response", None, TypeError, "'response' is NoneType"),
+    ("response", ["yes"], TypeError, "'response' is list"),
+    ("response", "", ValueError, "'response' is empty"),
+    ("response", " \n\t", ValueError, "'response' is empty"),
+    ("passages", ["fine", None], TypeError, "passage 1 .* NoneType"),
+    ("passages", [{"id": "a", "text": None}], TypeError, "passage 0 \\(id 'a'\\) .* NoneType"),
+    ("passages", [{"id": "a", "content": "x"}], KeyError, "passage 0 is a dict without a 'text'"),
+    ("options", ["aspirin", None], TypeError, "'options'"),
+    ("options", {"A": "aspirin", "B": 3}, TypeError, "'options'"),
+])
+def test_bad_fields_raise_naming_the_example_and_the_field(field, value, error, match):
+    tokenizer = make_tokenizer()
+    example = dict(random_examples(1, seed=12)[0], id="ex-42", **{field: value})
+    collator = RAREDataCollator(tokenizer, k=3)
+    with pytest.raises(error, match="ex-42") as caught:
+        collator([example])
+    assert caught.match(match)
+    if field != "response":  # the prompt alone (generation) is checked the same way
+        with pytest.raises(error, match="ex-42"):
+            collator.encode_prompt(example)
+
+
+def test_options_missing_from_a_datasets_struct_row_are_left_out():
+    # datasets unifies dict columns: a 4-option row gets "E": None beside 5-option rows
+    tokenizer = make_tokenizer(chat=False)
+    example = {"question": "Which drug?", "options": {"A": "aspirin", "B": "insulin", "E": None}, "response": "A",
+               "passages": ["Aspirin lowers risk."]}
+    text = tokenizer.decode(RAREDataCollator(tokenizer).encode(example).input_ids)
+    assert "Which drug?\nA. aspirin\nB. insulin\n" in text and "None" not in text
+
+
+def test_duplicate_passage_texts_are_shown_once():
+    tokenizer = make_tokenizer(chat=False)
+    passages = [{"id": "a", "text": "aspirin lowers risk"}, {"id": "b", "text": "aspirin lowers risk"},
+                {"id": "c", "text": "insulin controls glucose"}, {"id": "d", "text": "insulin controls glucose"},
+                {"id": "e", "text": "statins lower cholesterol"}]
+    example = {"id": "dup", "question": "q?", "response": "yes", "passages": passages}
+    enc = RAREDataCollator(tokenizer, k=3).encode(example)
+    assert enc.passage_ids == ["a", "c", "e"]  # the best-ranked copy of each text, k distinct passages
+    text = tokenizer.decode(enc.input_ids)
+    assert text.count("aspirin lowers risk") == 1 and text.count("insulin controls glucose") == 1
+    # gold-based settings too: a distractor with the gold passage's text is not shown beside it
+    oracle = dict(example, gold_passage_ids=["b"])
+    assert RAREDataCollator(tokenizer, k=3, setting="distractors").encode(oracle).passage_ids == ["c", "e"]
+    raft = RAREDataCollator(tokenizer, k=3, num_distractors=2, p_keep_gold=1.0)
+    shown = raft.encode(oracle).passage_ids
+    assert shown[0] == "b" and "a" not in shown and len(shown) == 3
+
+
+def test_drop_policy_with_a_whole_batch_too_long_says_to_filter_with_fits():
+    tokenizer = make_tokenizer()
+    example = dict(random_examples(1, seed=13)[0], response=" ".join(["therapy"] * 400))
+    collator = RAREDataCollator(tokenizer, max_length=200, on_overflow="drop")
+    assert not collator.fits(example)
+    with pytest.raises(ExampleTooLongError, match=r"dataset\.filter\(collator\.fits\)"), pytest.warns(UserWarning):
+        collator([example])  # a batch of size 1: no row would be left
+
+
+def test_closed_book_k0_needs_no_retriever():
+    tokenizer = make_tokenizer()
+    collator = RAREDataCollator(tokenizer, k=0)
+    batch = collator([{"id": "cb", "question": "Does aspirin help?", "response": "yes"}])
+    assert "Retrieved Documents" not in tokenizer.decode(batch["input_ids"][0])
+    assert collator.encode_prompt({"question": "Does aspirin help?"}).passage_ids == []
+
+
+def _long_example(seed: int) -> dict:
+    rng = random.Random(seed)
+    return {"id": "long", "question": random_text(rng, 10, 10) + "?", "response": random_text(rng, 10, 10),
+            "passages": [{"id": f"p{j}", "text": random_text(rng, 60, 60)} for j in range(3)]}
+
+
+def test_shorten_cuts_passages_to_a_budget_sized_cap_before_dropping_any():
+    tokenizer = make_tokenizer()
+    example = _long_example(14)
+    full = RAREDataCollator(tokenizer, k=3, max_length=100_000, max_passage_tokens=None).encode(example)
+    bare = RAREDataCollator(tokenizer, k=0, max_length=100_000).encode(example)
+    lengths = [len(tokenizer(p["text"], add_special_tokens=False)["input_ids"]) for p in example["passages"]]
+    # room for about two thirds of the passage tokens: "drop" loses a whole passage, "shorten" keeps all three
+    max_length = len(bare.input_ids) + (len(full.input_ids) - len(bare.input_ids)) * 2 // 3
+    dropping = RAREDataCollator(tokenizer, k=3, max_length=max_length, max_passage_tokens=None)
+    shortening = RAREDataCollator(tokenizer, k=3, max_length=max_length, max_passage_tokens=None,
+                                  passage_fit="shorten", min_passage_tokens=8)
+    assert len(dropping.encode(example).passage_ids) < 3
+    enc = shortening.encode(example)
+    assert enc.passage_ids == ["p0", "p1", "p2"] and len(enc.input_ids) <= max_length
+    assert len(enc.input_ids) > max_length - 3 * 3  # the cap is as large as the budget allows (within rounding)
+    prompt = tokenizer.decode(enc.input_ids[: enc.prompt_length])
+    for p in example["passages"]:  # each passage is shown as a prefix of itself, cut to one common length
+        ids = tokenizer(p["text"], add_special_tokens=False)["input_ids"]
+        cap = max(n for n in range(1, len(ids) + 1) if tokenizer.decode(ids[:n]) in prompt)
+        assert 8 <= cap < len(ids)
+    stats = shortening.stats
+    assert stats["passages_cut"] == 3 and stats["passages_dropped_to_fit"] == 0
+    assert stats["passage_tokens_shown"] + stats["passage_tokens_cut"] == sum(lengths)
+    assert tokenizer.decode([t for t in enc.labels if t != -100]) == example["response"] + EOT
+    # a cap below min_passage_tokens is not worth showing: the lowest-ranked passage is dropped instead
+    strict = RAREDataCollator(tokenizer, k=3, max_length=max_length, max_passage_tokens=None, passage_fit="shorten",
+                              min_passage_tokens=max(lengths))
+    assert strict.encode(example).passage_ids == dropping.encode(example).passage_ids
+    # a budget too small for any passage leaves the bare prompt, exactly as with "drop"
+    tight = RAREDataCollator(tokenizer, k=3, max_length=len(bare.input_ids) + 2, passage_fit="shorten")
+    assert tight.encode(example).input_ids == bare.input_ids
+
+
+def test_truncation_stats_count_fixed_caps():
+    tokenizer = make_tokenizer()
+    example = _long_example(15)
+    lengths = [len(tokenizer(p["text"], add_special_tokens=False)["input_ids"]) for p in example["passages"]]
+    collator = RAREDataCollator(tokenizer, k=3, max_passage_tokens=20)
+    collator([example, dict(example, id="again")])
+    stats = collator.stats
+    assert stats["examples"] == 2 and stats["passages_shown"] == 6 and stats["passages_cut"] == 6
+    assert stats["passage_tokens_cut"] == 2 * sum(n - 20 for n in lengths)
+    assert "6 of them cut" in collator.truncation_report()

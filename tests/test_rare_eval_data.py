@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rare_data import accuracy, extract_answer, hit_rate_at_k, load_pubmedqa, recall_at_k, validity_rate
+from rare_data import accuracy, extract_answer, hit_rate_at_k, load_pubmedqa, macro_f1, recall_at_k, validity_rate
 
 
 def test_load_pubmedqa_local_official_split(shared_data):
@@ -72,3 +72,63 @@ def test_validity_accuracy_and_recall():
     assert recall_at_k(retrieved, gold, k=3) == pytest.approx((0.5 + 1.0) / 2)
     assert hit_rate_at_k(retrieved, gold, k=2) == 0.5
     assert hit_rate_at_k(retrieved, gold, k=1) == 0.0
+
+
+def _hub_rows(n: int) -> list[dict]:
+    return [{"pubid": 1000 + i, "question": f"Does treatment {i} work?", "context": {"contexts": [f"Trial {i}."]},
+             "long_answer": f"Treatment {i} works.", "final_decision": "yes"} for i in range(n)]
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """``datasets.load_dataset`` answering with PQA-L-shaped rows (no network)."""
+    datasets = pytest.importorskip("datasets")
+    rows = {"n": 1000}
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list(_hub_rows(rows["n"])))
+    return rows
+
+
+def test_load_pubmedqa_from_the_hub_without_test_ids_gives_an_empty_test_split(fake_hub):
+    fake_hub["n"] = 6
+    data = load_pubmedqa()
+    assert len(data.train) == 6 and len(data.test) == 0
+    assert data.test.column_names == data.train.column_names
+
+
+def test_partial_test_ids_file_is_refused_with_counts(fake_hub, tmp_path):
+    ids = [str(1000 + i) for i in range(500)]
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps({i: "yes" for i in ids}))
+    data = load_pubmedqa(test_ids_file=full)
+    assert len(data.test) == 500 and len(data.train) == 500
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(ids[:450]))
+    with pytest.raises(ValueError, match="lists 450 of the 500 official.*50 test questions would move"):
+        load_pubmedqa(test_ids_file=partial)
+    data = load_pubmedqa(test_ids_file=partial, allow_partial_test=True)
+    assert len(data.test) == 450 and len(data.train) == 550
+
+
+def test_json_errors_name_the_file(tmp_path, fake_hub):
+    (tmp_path / "ori_pqal.json").write_text("{broken")
+    (tmp_path / "test_ground_truth.json").write_text("{}")
+    with pytest.raises(ValueError, match="ori_pqal.json is not valid JSON"):
+        load_pubmedqa(tmp_path)
+    bad_ids = tmp_path / "ids.json"
+    bad_ids.write_text("[1, 2")
+    with pytest.raises(ValueError, match="ids.json is not valid JSON"):
+        load_pubmedqa(test_ids_file=bad_ids)
+
+
+def test_macro_f1_beside_accuracy():
+    from sklearn.metrics import f1_score
+
+    gold = ["yes", "yes", "no", "maybe", "no", "yes"]
+    pred = ["yes", "no", "no", None, "no", "yes"]
+    # the invalid answer counts as wrong for its class and is no class of its own
+    expected = f1_score(gold, ["yes", "no", "no", "invalid", "no", "yes"], labels=["maybe", "no", "yes"],
+                        average="macro", zero_division=0)
+    assert macro_f1(pred, gold) == pytest.approx(expected)
+    # always answering "yes" scores the majority share as accuracy but a low macro-F1
+    assert accuracy(["yes"] * 6, gold) == 0.5 and macro_f1(["yes"] * 6, gold, labels=["yes", "no", "maybe"]) < 0.23
+    assert macro_f1(gold, [g.upper() for g in gold]) == 1.0

@@ -209,40 +209,50 @@ def test_raft_passages_are_gold_plus_distractors_from_other_abstracts(pieces):
             collator.set_epoch(epoch)
             shown = collator.encode({**raft, "response": example["response"]}).passage_ids
             n_gold = len(set(shown) & own)
-            assert n_gold in (0, len(raft["gold_passage_ids"])) and len(shown) - n_gold == 1
+            assert n_gold in (0, len(raft["gold_passage_ids"]))
+            # as many passages whether the gold ones were kept or replaced by distractors (RAFT)
+            assert len(shown) == len(raft["gold_passage_ids"]) + 1
             kept, dropped = kept + (n_gold > 0), dropped + (n_gold == 0)
     assert kept and dropped  # p_keep_gold=0.5 over 16 draws: both cases occur
 
 
 def _brute_force(model, prompt: list[int], candidates: dict, prefix: list[int]) -> dict:
-    """Sum of the log-probabilities of each candidate's tokens after the shared prefix, one full pass each."""
+    """log of the summed probability of each answer's variants after the shared prefix, one full pass each."""
     out = {}
     with torch.no_grad():
-        for answer, cand in candidates.items():
-            ids = prompt + cand
-            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
-            out[answer] = sum(logp[t - 1, ids[t]].item() for t in range(len(prompt) + len(prefix), len(ids)))
+        for answer, variants in candidates.items():
+            logps = []
+            for cand in variants:
+                ids = prompt + cand
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+                logps.append(sum(logp[t - 1, ids[t]].item() for t in range(len(prompt) + len(prefix), len(ids))))
+            out[answer] = torch.logsumexp(torch.tensor(logps), 0).item()
     return out
 
 
-def test_answer_scorer_matches_brute_force_log_likelihood(tiny_llama_dir):
+def test_answer_scorer_sums_surface_variants_and_matches_brute_force(tiny_llama_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     prompt = tokenizer("Does aspirin reduce risk?", add_special_tokens=False)["input_ids"]
     scorer = rp.AnswerScorer(tokenizer)
-    # The tiny tokenizer splits "maybe" in two, so the scorer takes one pass per candidate ...
-    assert not scorer.fast and len(scorer.candidates["maybe"]) == len(scorer.prefix) + 2
+    decoded = {a: {tokenizer.decode(v[len(scorer.prefix):]) for v in vs} for a, vs in scorer.candidates.items()}
+    assert decoded["yes"] == {"yes", " yes", "Yes", " Yes"}  # the surface forms summed for each answer
+    # The tiny tokenizer splits "Maybe" in pieces, so the scorer takes one pass per variant ...
+    assert not scorer.fast
     scores, mass = scorer.score(model, prompt)
     assert scores == pytest.approx(_brute_force(model, prompt, scorer.candidates, scorer.prefix), abs=1e-4)
     assert 0 < mass <= 1
-    # ... and with single-token answers (as SmolLM2's tokenizer gives) the one-pass shortcut is exact too.
-    scorer.candidates = {a: scorer.prefix + [ids[len(scorer.prefix)]] for a, ids in scorer.candidates.items()}
+    # ... and with single-token variants (as SmolLM2's tokenizer gives) the one-pass shortcut is exact too.
+    scorer.candidates = {a: [scorer.prefix + [v[len(scorer.prefix)]] for v in vs if len(v) == len(scorer.prefix) + 1]
+                         for a, vs in scorer.candidates.items()}
     scorer.fast = True
     fast, fast_mass = scorer.score(model, prompt)
     assert fast == pytest.approx(_brute_force(model, prompt, scorer.candidates, scorer.prefix), abs=1e-4)
     assert fast_mass == pytest.approx(sum(torch.tensor(list(fast.values())).exp().tolist()), rel=1e-5)
+    exact = rp.ChoiceScorer(tokenizer, rp.ANSWERS, prefix="<answer>", variants=False)
+    assert [len(v) for v in exact.candidates.values()] == [1, 1, 1]
 
 
 def test_smollm2_answers_are_single_tokens_after_the_tag():

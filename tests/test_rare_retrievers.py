@@ -170,3 +170,46 @@ def test_dense_retriever_ranks_save_load_and_pickle(tmp_path):
     loaded = DenseRetriever.load(tmp_path / "dense")
     assert [[p.id for p in h] for h in loaded.search(queries, k=3)] == [[p.id for p in h] for h in hits]
     assert loaded.fingerprint == retriever.fingerprint
+
+
+def test_corpus_texts_must_be_strings():
+    with pytest.raises(TypeError, match="passage id 'b' is NoneType"):
+        BM25Retriever.from_texts(["aspirin helps", None], ids=["a", "b"])
+
+
+def test_precomputed_retriever_refuses_conflicting_duplicate_queries():
+    store = dict(TOY_CORPUS)
+    # the same question twice with the same results is fine (retrieval is a function of the query)
+    same = PrecomputedRetriever(["Does aspirin help?", " Does aspirin help? "], [["aspirin"], ["aspirin"]], store)
+    assert [p.id for p in same.search(["Does aspirin help?"], 1)[0]] == ["aspirin"]
+    # two examples sharing a question text but retrieved differently cannot be served by text: refused
+    with pytest.raises(ValueError, match="appears twice with different passage ids.*passage_ids"):
+        PrecomputedRetriever(["Does aspirin help?", "Does aspirin help?"], [["aspirin"], ["statin"]], store)
+
+
+def test_precomputed_retrieval_keys_on_the_collators_query_for_multiple_choice(toy_bm25):
+    datasets = pytest.importorskip("datasets")
+    examples = [{"id": f"mc{i}", "question": f"  {question}  ", "options": ["yes", "no"], "response": "A"}
+                for i, question in enumerate(TOY_QUESTIONS.values())]
+    ds = datasets.Dataset.from_list(examples)
+    with_ids = precompute_retrieval(ds, toy_bm25, k=2)
+    precomputed = PrecomputedRetriever.from_dataset(with_ids, toy_bm25)
+    tokenizer = make_tokenizer()
+    # the collator searches with the stripped question plus its options: the precomputed table must answer it,
+    # with the passages a live search for that very text gives
+    live = RAREDataCollator(tokenizer, retriever=toy_bm25, k=2)(examples)
+    served = RAREDataCollator(tokenizer, retriever=precomputed, k=2)(examples)
+    assert all(torch.equal(live[key], served[key]) for key in live)
+
+
+def test_bm25_indexing_shows_progress_on_a_terminal_only(monkeypatch, capsys):
+    import rare_data.retrievers as retrievers
+    from rare_data import progress
+
+    corpus = list(TOY_CORPUS.values())
+    BM25Retriever.from_texts(corpus)
+    assert capsys.readouterr().err == ""  # pytest's stderr is not a terminal: no bars in logs
+    monkeypatch.setattr(retrievers, "progress_enabled", lambda: True)
+    BM25Retriever.from_texts(corpus)
+    assert "%|" in capsys.readouterr().err  # tqdm bars of tokenising and indexing the corpus
+    assert list(progress(range(3), desc="evaluating")) == [0, 1, 2] and capsys.readouterr().err == ""

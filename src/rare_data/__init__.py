@@ -12,7 +12,16 @@ See ``README.md`` in this folder for the design.
 """
 
 from .collator import EncodedExample, ExampleTooLongError, RAREDataCollator, RAREEpochCallback
-from .evaluation import accuracy, extract_answer, hit_rate_at_k, recall_at_k, validity_rate
+from .evaluation import (
+    ChoiceScorer,
+    accuracy,
+    extract_answer,
+    hit_rate_at_k,
+    macro_f1,
+    progress,
+    recall_at_k,
+    validity_rate,
+)
 from .pubmedqa import PubMedQA, load_pubmedqa, pubmedqa_response
 from .retrievers import (
     BM25Retriever,
@@ -22,7 +31,7 @@ from .retrievers import (
     Retriever,
     precompute_retrieval,
 )
-from .templates import TEMPLATES, PromptTemplate, format_options, get_template
+from .templates import TEMPLATES, PromptTemplate, format_options, format_query, get_template
 
 __all__ = [
     "BM25Retriever",
@@ -39,12 +48,16 @@ __all__ = [
     "TEMPLATES",
     "get_template",
     "format_options",
+    "format_query",
     "PubMedQA",
     "load_pubmedqa",
     "pubmedqa_response",
     "extract_answer",
     "validity_rate",
     "accuracy",
+    "macro_f1",
+    "ChoiceScorer",
+    "progress",
     "recall_at_k",
     "hit_rate_at_k",
 ]

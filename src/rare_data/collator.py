@@ -7,8 +7,10 @@ gold + distractors), renders the prompt, tokenises it in *segments* and masks by
     completion_ids  = response tokens + end-of-turn token, labelled with their own ids
 
 It never searches the token stream for a template string, and truncation never touches the response or the
-question: passages are capped to ``max_passage_tokens`` and dropped lowest-ranked first; an example that does
-not fit without any passage is dropped (counted, with a warning) or raises, as ``on_overflow`` says.
+question: passages are capped to ``max_passage_tokens``, then shortened to a budget-sized common cap
+(``passage_fit="shorten"``) and/or dropped lowest-ranked first; an example that does not fit without any passage
+is dropped (counted, with a warning) or raises, as ``on_overflow`` says. Each batch is tokenised with one
+tokenizer call for the prompts and one for the responses; passage token ids are cached per process.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import hashlib
 import logging
 import math
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,12 +51,33 @@ class EncodedExample:
         labels: -100 over the prompt, the token ids over the completion.
         prompt_length: Number of prompt tokens (the masked segment).
         passage_ids: Ids of the passages shown, in display order.
+        passages: The passages shown, in display order, with the text as shown (cut when truncation cut it).
     """
 
     input_ids: list[int]
     labels: list[int]
     prompt_length: int
     passage_ids: list[str]
+    passages: list[RetrievedPassage] = field(default_factory=list)
+
+
+# Passages whose token ids are cached per process (a corpus larger than this restarts the cache).
+_CACHE_SIZE = 500_000
+
+
+def _capped_length(length: int, cap: int | None) -> int:
+    return length if cap is None else min(length, cap)
+
+
+def _water_level(sorted_lengths: Sequence[int], budget: int) -> int:
+    """The largest cap ``c`` with ``sum(min(length, c)) <= budget`` (``sorted_lengths`` ascending)."""
+    remaining = budget
+    for i, length in enumerate(sorted_lengths):
+        share = remaining // (len(sorted_lengths) - i)  # what each passage from i on can have if all are cut
+        if share < length:
+            return share
+        remaining -= length
+    return sorted_lengths[-1] if sorted_lengths else 0
 
 
 def _stable_int(value: Any) -> int:
@@ -79,7 +103,13 @@ class RAREDataCollator:
         retriever: Optional retriever (see :mod:`rare_data.retrievers`).
         k: Passages shown per example (without RAFT: the top ``k``).
         max_length: Maximum tokens per example (prompt + completion).
-        max_passage_tokens: Each passage is cut to this many tokens before it is shown.
+        max_passage_tokens: Each passage is cut to this many tokens before it is shown (``None``: no fixed cap).
+        passage_fit: What to do when the passages do not all fit ``max_length``: ``"drop"`` (default) drops
+            whole passages, lowest-ranked first; ``"shorten"`` first cuts the shown passages to the largest common
+            length that fits (a cap sized from the budget), and drops the lowest-ranked passage only when that
+            cap would fall below ``min_passage_tokens``.
+        min_passage_tokens: With ``passage_fit="shorten"``, the shortest a passage is cut to before a passage is
+            dropped instead.
         template: A template name (``"qa"``, ``"medical_mcq"``, ``"yes_no_maybe"``, ``"fact_check"``), a
             :class:`~rare_data.PromptTemplate`, or a function ``(question, passages) -> str``.
         on_overflow: ``"error"`` (raise :class:`ExampleTooLongError`) or ``"drop"`` (skip the example, count it
@@ -101,12 +131,20 @@ class RAREDataCollator:
             token in plain mode).
         setting: Which passages to show: ``"retrieval"`` (default), ``"closed_book"``, ``"oracle"`` (gold only)
             or ``"distractors"`` (non-gold only) -- the evaluation settings of the RARE paper.
+
+
+    Attributes:
+        stats: Counters of what truncation did in this process (see :meth:`truncation_report`):
+            ``examples``, ``passages_shown``, ``passages_cut`` (shown shorter than they are),
+            ``passage_tokens_shown``, ``passage_tokens_cut``, ``passages_dropped_to_fit``, ``examples_dropped``.
+            DataLoader workers count in their own copy.
     """
 
     model_input_names = ("input_ids", "attention_mask", "labels")
 
     def __init__(self, tokenizer, retriever=None, *, k: int = 3, max_length: int = 2048,
-                 max_passage_tokens: int | None = 256, template: str | PromptTemplate | Callable = "qa",
+                 max_passage_tokens: int | None = 256, passage_fit: str = "drop", min_passage_tokens: int = 64,
+                 template: str | PromptTemplate | Callable = "qa",
                  on_overflow: str = "error", num_distractors: int | None = None, p_keep_gold: float = 1.0,
                  distractor_pool: int | None = None, shuffle_passages: bool = False, seed: int = 0,
                  padding_free: bool = False, pad_to_multiple_of: int | None = None,
@@ -118,6 +156,10 @@ class RAREDataCollator:
             raise ValueError(f"max_length must be positive, got {max_length}")
         if max_passage_tokens is not None and max_passage_tokens <= 0:
             raise ValueError(f"max_passage_tokens must be positive or None, got {max_passage_tokens}")
+        if passage_fit not in ("drop", "shorten"):
+            raise ValueError(f"passage_fit must be 'drop' or 'shorten', got {passage_fit!r}")
+        if min_passage_tokens < 1:
+            raise ValueError(f"min_passage_tokens must be positive, got {min_passage_tokens}")
         if on_overflow not in ("error", "drop"):
             raise ValueError(f"on_overflow must be 'error' or 'drop', got {on_overflow!r}")
         if num_distractors is not None and num_distractors < 0:
@@ -134,6 +176,8 @@ class RAREDataCollator:
         self.k = k
         self.max_length = max_length
         self.max_passage_tokens = max_passage_tokens
+        self.passage_fit = passage_fit
+        self.min_passage_tokens = min_passage_tokens
         self.template = get_template(template)
         self.on_overflow = on_overflow
         self.num_distractors = num_distractors
@@ -146,6 +190,10 @@ class RAREDataCollator:
         self.setting = setting
         self.epoch = 0
         self.num_dropped = 0
+        self.stats: Counter[str] = Counter()
+        # The corpus is static: token ids of every passage seen, and of its fixed-cap cut, are kept per process.
+        self._passage_ids_cache: dict[str, list[int]] = {}
+        self._capped_text_cache: dict[tuple[str, int], str] = {}
         self.chat = bool(getattr(tokenizer, "chat_template", None)) if use_chat_template is None else use_chat_template
         self._checked_template = False
         self._bos_prefix = self._special_prefix()
@@ -155,6 +203,17 @@ class RAREDataCollator:
     # ---- tokenizer facts, worked out once -----------------------------------------------------------------
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _ids_batch(self, texts: list[str]) -> list[list[int]]:
+        """One tokenizer call for many texts (fast tokenizers encode a batch in parallel, in Rust)."""
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    def __getstate__(self):
+        # Caches are rebuilt per process; shipping them to every DataLoader worker would only cost memory.
+        state = self.__dict__.copy()
+        state["_passage_ids_cache"] = {}
+        state["_capped_text_cache"] = {}
+        return state
 
     def _special_prefix(self) -> list[int]:
         """Tokens the tokenizer puts before text (e.g. BOS) -- used for the plain layout only.
@@ -262,16 +321,28 @@ class RAREDataCollator:
         return np.random.default_rng([self.seed, self.epoch, _stable_int(example_key)])
 
     @staticmethod
-    def _given_passages(example: Mapping[str, Any]) -> list[RetrievedPassage]:
+    def _given_passages(example: Mapping[str, Any], key: Any) -> list[RetrievedPassage]:
         out = []
         for i, p in enumerate(example["passages"]):
             if isinstance(p, RetrievedPassage):
                 out.append(p)
             elif isinstance(p, Mapping):
-                out.append(RetrievedPassage(str(p.get("id", i)), str(p["text"]), float(p.get("score", math.nan))))
+                if "text" not in p:
+                    raise KeyError(f"example {key!r}: passage {i} is a dict without a 'text' field (fields: "
+                                   f"{sorted(p)}); give passages as texts or {{'id', 'text'}} dicts")
+                out.append(RetrievedPassage(str(p.get("id", i)), p["text"], float(p.get("score", math.nan))))
             else:
-                out.append(RetrievedPassage(str(i), str(p)))
+                out.append(RetrievedPassage(str(i), p))
         return out
+
+    @staticmethod
+    def _check_texts(passages: list[RetrievedPassage], key: Any) -> list[RetrievedPassage]:
+        """Refuse passages whose text is not a string (``None`` would be shown as the text "None")."""
+        for i, p in enumerate(passages):
+            if not isinstance(p.text, str):
+                raise TypeError(f"example {key!r}: passage {i} (id {p.id!r}) has text of type "
+                                f"{type(p.text).__name__}, not a string: fix the passage or the corpus it comes from")
+        return passages
 
     def _lookup(self, ids: Sequence[Any]) -> list[RetrievedPassage]:
         if self.retriever is None or not hasattr(self.retriever, "get_passages"):
@@ -289,11 +360,13 @@ class RAREDataCollator:
         """Ranked candidate passages per example; one retriever call for the whole batch."""
         candidates: list[list[RetrievedPassage] | None] = [None] * len(examples)
         to_search = []
+        # k=0 without RAFT or gold-based settings shows no passage: nothing to look up or search for.
+        no_passages = self.setting == "closed_book" or self._pool_size() == 0
         for i, ex in enumerate(examples):
-            if self.setting == "closed_book":
+            if no_passages:
                 candidates[i] = []
             elif ex.get("passages") is not None:
-                candidates[i] = self._given_passages(ex)
+                candidates[i] = self._given_passages(ex, self._key(ex))
             elif ex.get("passage_ids") is not None:
                 candidates[i] = self._lookup(ex["passage_ids"])
             else:
@@ -305,7 +378,18 @@ class RAREDataCollator:
             queries = [self.template.format_question(examples[i]) for i in to_search]
             for i, hits in zip(to_search, self.retriever.search(queries, self._pool_size())):
                 candidates[i] = hits
-        return candidates  # type: ignore[return-value]
+        return [self._check_texts(c, self._key(ex)) for c, ex in zip(candidates, examples)]  # type: ignore[arg-type]
+
+    @staticmethod
+    def _unique_texts(passages: Sequence[RetrievedPassage], seen: set[str] | None = None) -> list[RetrievedPassage]:
+        """Passages with a text not shown before (best-ranked copy kept): one prompt never repeats a passage."""
+        seen = set() if seen is None else seen
+        out = []
+        for p in passages:
+            if p.text not in seen:
+                seen.add(p.text)
+                out.append(p)
+        return out
 
     def _select(self, example: Mapping[str, Any], candidates: list[RetrievedPassage], key: Any):
         """Pick the passages to show: returns (ranked, display order)."""
@@ -314,7 +398,7 @@ class RAREDataCollator:
             return [], []
         raft = self.num_distractors is not None
         if setting == "retrieval" and not raft:
-            ranked = candidates[: self.k]
+            ranked = self._unique_texts(candidates)[: self.k]
         else:
             if example.get("gold_passage_ids") is None:
                 raise ValueError(f"setting={setting!r} / RAFT options need 'gold_passage_ids' in every example; "
@@ -323,8 +407,10 @@ class RAREDataCollator:
             gold_set = set(gold_ids)
             by_id = {p.id: p for p in candidates}
             missing = [g for g in gold_ids if g not in by_id]
-            golds = [by_id[g] for g in gold_ids if g in by_id] + (self._lookup(missing) if missing else [])
-            others = [p for p in candidates if p.id not in gold_set]
+            looked_up = {p.id: p for p in self._check_texts(self._lookup(missing), key)} if missing else {}
+            shown_texts: set[str] = set()
+            golds = self._unique_texts([by_id.get(g) or looked_up[g] for g in gold_ids], shown_texts)
+            others = self._unique_texts([p for p in candidates if p.id not in gold_set], shown_texts)
             rng = self._rng(key)
             if setting == "oracle":
                 ranked = golds
@@ -332,7 +418,10 @@ class RAREDataCollator:
                 ranked = others[: self.k]
             else:  # RAFT training: gold kept with probability p, plus sampled distractors
                 keep_gold = rng.random() < self.p_keep_gold
-                n = min(self.num_distractors, len(others))
+                # RAFT keeps the number of documents constant: a dropped oracle is replaced by distractors, so
+                # the prompt length does not give away whether the gold passages are there.
+                wanted = self.num_distractors + (0 if keep_gold else len(golds))
+                n = min(wanted, len(others))
                 picks = sorted(rng.choice(len(others), size=n, replace=False).tolist()) if n else []
                 ranked = (golds if keep_gold else []) + [others[j] for j in picks]
         display = list(range(len(ranked)))
@@ -340,14 +429,37 @@ class RAREDataCollator:
             display = self._rng(("shuffle", key)).permutation(len(ranked)).tolist()
         return ranked, display
 
-    def _cap(self, passages: list[RetrievedPassage]) -> list[RetrievedPassage]:
-        """Cut each passage to ``max_passage_tokens`` tokens (on token boundaries)."""
-        if self.max_passage_tokens is None or not passages:
-            return passages
-        encoded = self.tokenizer([p.text for p in passages], add_special_tokens=False)["input_ids"]
-        return [p if len(ids) <= self.max_passage_tokens
-                else RetrievedPassage(p.id, self.tokenizer.decode(ids[: self.max_passage_tokens]), p.score)
-                for p, ids in zip(passages, encoded)]
+    def _cache_passage_ids(self, texts: Sequence[str]) -> None:
+        """Tokenise (once per process, in one tokenizer call) the passage texts not seen before."""
+        cache = self._passage_ids_cache
+        new = list(dict.fromkeys(t for t in texts if t not in cache))
+        if len(cache) + len(new) > _CACHE_SIZE:  # a corpus larger than the cache: start over rather than grow
+            cache.clear()
+            self._capped_text_cache.clear()
+        cache.update(zip(new, self._ids_batch(new)))
+
+    def _passage_token_ids(self, text: str) -> list[int]:
+        ids = self._passage_ids_cache.get(text)
+        if ids is None:
+            self._cache_passage_ids([text])
+            ids = self._passage_ids_cache[text]
+        return ids
+
+    def _cut(self, passage: RetrievedPassage, cap: int | None) -> RetrievedPassage:
+        """The passage cut to ``cap`` tokens (on token boundaries, decoded from its cached ids)."""
+        ids = self._passage_token_ids(passage.text)
+        if cap is None or len(ids) <= cap:
+            return passage
+        text = self._capped_text_cache.get((passage.text, cap))
+        if text is None:
+            text = self.tokenizer.decode(ids[:cap])
+            if cap == self.max_passage_tokens:  # budget-sized caps vary; only the fixed cap recurs
+                self._capped_text_cache[(passage.text, cap)] = text
+        return RetrievedPassage(passage.id, text, passage.score)
+
+    def _shown(self, ranked: list[RetrievedPassage], display: list[int], n: int, cap: int | None):
+        """The ``n`` best-ranked passages, each cut to ``cap`` tokens, in display order."""
+        return [self._cut(ranked[j], cap) for j in display if j < n]
 
     # ---- encoding --------------------------------------------------------------------------------------------
     @staticmethod
@@ -355,13 +467,33 @@ class RAREDataCollator:
         """The identity that seeds an example's randomness: its ``id``, else its question."""
         return example["id"] if example.get("id") is not None else example.get("question")
 
+    def _response(self, example: Mapping[str, Any]) -> str:
+        if "response" not in example:
+            raise KeyError(f"example {self._key(example)!r} has no 'response' field (fields: {sorted(example)})")
+        response = example["response"]
+        if not isinstance(response, str):
+            raise TypeError(f"example {self._key(example)!r}: field 'response' is {type(response).__name__}, not a "
+                            "string: every training example needs the response text to learn")
+        if not response.strip():
+            raise ValueError(f"example {self._key(example)!r}: field 'response' is empty or whitespace only, so there "
+                             "is nothing to learn: fill it in or filter the example out")
+        return response
+
+    def _completions(self, examples: Sequence[Mapping[str, Any]]) -> list[list[int]]:
+        """Response + end-of-turn ids of each example (one tokenizer call)."""
+        return [ids + self._eot_ids for ids in self._ids_batch([self._response(ex) for ex in examples])]
+
     def encode(self, example: Mapping[str, Any], candidates: list[RetrievedPassage] | None = None
                ) -> EncodedExample | None:
         """Tokenise one example; ``None`` when it is dropped (``on_overflow="drop"``)."""
-        if "response" not in example:
-            raise KeyError(f"example has no 'response' field (fields: {sorted(example)})")
-        completion = self._ids(str(example["response"])) + self._eot_ids
-        return self._encode(example, candidates, completion, len(completion))
+        completion = self._completions([example])[0]
+        return self._encode_many([example], None if candidates is None else [candidates], [completion],
+                                 [len(completion)])[0]
+
+    def encode_batch(self, examples: Sequence[Mapping[str, Any]]) -> list[EncodedExample | None]:
+        """Tokenise a batch of examples (one retriever call, batched tokenizer calls); ``None`` for dropped ones."""
+        completions = self._completions(examples)
+        return self._encode_many(examples, None, completions, [len(c) for c in completions])
 
     def encode_prompt(self, example: Mapping[str, Any], max_new_tokens: int = 256) -> EncodedExample | None:
         """Tokenise the prompt alone, for generation at evaluation time.
@@ -370,24 +502,103 @@ class RAREDataCollator:
         free for the answer. ``labels`` is all -100. Combine with ``setting=`` for the closed-book, oracle and
         distractor-only evaluations.
         """
-        return self._encode(example, None, [], max_new_tokens)
+        return self._encode_many([example], None, [[]], [max_new_tokens])[0]
 
-    def _encode(self, example, candidates, completion: list[int], reserve: int) -> EncodedExample | None:
+    def _encode_many(self, examples, candidates, completions, reserves) -> list[EncodedExample | None]:
+        """Choose, fit and tokenise the prompts of ``examples``: all passages first, in one tokenizer call."""
         if candidates is None:
-            candidates = self._candidates([example])[0]
-        key = self._key(example)
-        question = self.template.format_question(example)
-        ranked, display = self._select(example, candidates, key)
-        ranked = self._cap(ranked)
-        # Keep the n best-ranked passages, n as large as fits; show them in display order.
+            candidates = self._candidates(examples)
+        keys = [self._key(ex) for ex in examples]
+        questions = [self.template.format_question(ex) for ex in examples]
+        plans = [self._select(ex, cands, key) for ex, cands, key in zip(examples, candidates, keys)]
+        self._cache_passage_ids([p.text for ranked, _ in plans for p in ranked])
+        cap = self.max_passage_tokens
+        first_try = [self._shown(ranked, display, len(ranked), cap) for ranked, display in plans]
+        prompts = [self._bos_prefix + ids for ids in
+                   self._ids_batch([self.prompt_text(q, shown) for q, shown in zip(questions, first_try)])]
+        out = []
+        for i, (ranked, display) in enumerate(plans):
+            shown, prompt, shown_cap = first_try[i], prompts[i], cap
+            if not self._fits(prompt, reserves[i]):
+                shown, prompt, shown_cap = self._fit(questions[i], ranked, display, reserves[i])
+            if prompt is None:
+                out.append(self._overflow(keys[i], questions[i], reserves[i]))
+                continue
+            self._count(ranked, shown, shown_cap)
+            if completions[i]:
+                self._check_once(questions[i], shown, examples[i]["response"], prompt, completions[i])
+            out.append(EncodedExample(prompt + completions[i], [-100] * len(prompt) + completions[i], len(prompt),
+                                      [p.id for p in shown], shown))
+        return out
+
+    def _fits(self, prompt: list[int], reserve: int) -> bool:
+        return len(prompt) + reserve <= self.max_length
+
+    def _fit(self, question: str, ranked: list[RetrievedPassage], display: list[int], reserve: int):
+        """Drop (and with ``passage_fit="shorten"`` first shorten) passages until the prompt fits.
+
+        Returns (shown passages, prompt ids, their cap), or (None, None, None) when even the bare prompt does not
+        fit.
+        """
+        cap = self.max_passage_tokens
         for n in range(len(ranked), -1, -1):
-            shown = [ranked[j] for j in display if j < n]
+            if self.passage_fit == "shorten" and n:
+                fitted = self._shorten(question, ranked, display, n, reserve)
+                if fitted is not None:
+                    return fitted
+                continue
+            shown = self._shown(ranked, display, n, cap)
             prompt = self._prompt_ids(question, shown)
-            if len(prompt) + reserve <= self.max_length:
-                if completion:
-                    self._check_once(question, shown, str(example["response"]), prompt, completion)
-                return EncodedExample(prompt + completion, [-100] * len(prompt) + completion, len(prompt),
-                                      [p.id for p in shown])
+            if self._fits(prompt, reserve):
+                return shown, prompt, cap
+        return None, None, None
+
+    def _shorten(self, question, ranked, display, n: int, reserve: int):
+        """Show the ``n`` best passages cut to the largest common cap that fits, if it is >= min_passage_tokens.
+
+        The cap is sized from the budget: the passage tokens the prompt can hold are shared out by water-filling
+        (short passages stay whole, the long ones are cut to one common length). Token counts of passages inside
+        the rendered prompt can differ slightly from their own counts, so the rendered prompt is checked and the
+        budget tightened by the remaining excess until it fits.
+        """
+        cap = self.max_passage_tokens
+        lengths = sorted(_capped_length(len(self._passage_token_ids(p.text)), cap) for p in ranked[:n])
+        budget = sum(lengths)
+        while True:
+            shown = self._shown(ranked, display, n, cap)
+            prompt = self._prompt_ids(question, shown)
+            excess = len(prompt) + reserve - self.max_length
+            if excess <= 0:
+                return shown, prompt, cap
+            budget = min(budget, sum(_capped_length(length, cap) for length in lengths)) - excess
+            cap = _water_level(lengths, budget)
+            if cap < self.min_passage_tokens:
+                return None
+
+    def _count(self, ranked: list[RetrievedPassage], shown: list[RetrievedPassage], cap: int | None) -> None:
+        stats = self.stats
+        stats["examples"] += 1
+        stats["passages_shown"] += len(shown)
+        stats["passages_dropped_to_fit"] += len(ranked) - len(shown)
+        shown_ids = {p.id for p in shown}
+        for p in ranked:
+            if p.id in shown_ids:
+                full = len(self._passage_token_ids(p.text))
+                kept = _capped_length(full, cap)
+                stats["passage_tokens_shown"] += kept
+                stats["passages_cut"] += kept < full
+                stats["passage_tokens_cut"] += full - kept
+
+    def truncation_report(self) -> str:
+        """One line saying how much passage text truncation cut or dropped (from :attr:`stats`)."""
+        s = self.stats
+        total = s["passage_tokens_shown"] + s["passage_tokens_cut"]
+        return (f"{s['examples']} examples: {s['passages_shown']} passages shown, {s['passages_cut']} of them cut "
+                f"({s['passage_tokens_cut']} of {total} passage tokens, "
+                f"{100 * s['passage_tokens_cut'] / max(total, 1):.1f}%), {s['passages_dropped_to_fit']} dropped to "
+                f"fit max_length={self.max_length}; {s['examples_dropped']} examples dropped")
+
+    def _overflow(self, key: Any, question: str, reserve: int) -> None:
         needed = len(self._prompt_ids(question, [])) + reserve
         message = (f"example {key!r} needs {needed} tokens without any passage (question + response or generation "
                    f"budget + template) but max_length={self.max_length}")
@@ -395,24 +606,63 @@ class RAREDataCollator:
             raise ExampleTooLongError(f"{message}: raise max_length, filter long examples out (see "
                                       "RAREDataCollator.fits) or pass on_overflow='drop'")
         self.num_dropped += 1
-        warnings.warn(f"{message}; dropped ({self.num_dropped} dropped so far by this process)", stacklevel=3)
+        self.stats["examples_dropped"] += 1
+        warnings.warn(f"{message}; dropped ({self.num_dropped} dropped so far by this process)", stacklevel=4)
         return None
 
     def fits(self, example: Mapping[str, Any]) -> bool:
         """Whether the example fits ``max_length`` with no passage -- for ``dataset.filter`` before training."""
-        completion = self._ids(str(example["response"])) + self._eot_ids
+        completion = self._completions([example])[0]
         prompt = self._prompt_ids(self.template.format_question(example), [])
         return len(prompt) + len(completion) <= self.max_length
+
+    # ---- TRL-native path: the same prompts as data set columns ----------------------------------------------
+    def prompt_completion(self, examples: Mapping[str, Any], epoch: int | None = None) -> dict[str, Any]:
+        """Conversational ``prompt`` / ``completion`` columns for ``datasets.map``, e.g. for TRL's ``SFTTrainer``.
+
+        ``dataset.map(collator.prompt_completion, batched=True)`` (or unbatched) retrieves and selects passages
+        exactly as the collator would at batch time (same retriever call, RAFT sampling, shuffling, capping and
+        fitting to ``max_length``), and writes the user turn with those passages as ``prompt`` and the response
+        as ``completion``, plus ``shown_passage_ids``. ``SFTTrainer`` then builds the same tokens and labels as
+        this collator (checked in the tests with a Llama-3 style template; a template that writes text after the
+        end-of-turn token -- ChatML's newline -- makes TRL train on that text too). Passages are fixed per row:
+        with ``epoch`` the RAFT draw is the one :meth:`set_epoch` ``(epoch)`` would give (map once per epoch for
+        fresh draws); without it, the collator's current epoch. Examples that cannot fit raise
+        :class:`ExampleTooLongError`: filter with :meth:`fits` first.
+        """
+        if not self.chat:
+            raise ValueError("prompt_completion writes conversational columns and needs a tokenizer with a chat "
+                             "template; without one, use the collator itself as the Trainer's data_collator")
+        batched = isinstance(examples.get("question"), list)
+        columns = examples if batched else {name: [value] for name, value in examples.items()}
+        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        saved_epoch = self.epoch
+        if epoch is not None:
+            self.set_epoch(epoch)
+        try:
+            encoded = self.encode_batch(rows)
+        finally:
+            self.epoch = saved_epoch
+        out: dict[str, list] = {"prompt": [], "completion": [], "shown_passage_ids": []}
+        for row, enc in zip(rows, encoded):
+            if enc is None:
+                raise ExampleTooLongError(f"example {self._key(row)!r} does not fit max_length={self.max_length} even "
+                                          "without passages: filter first with `dataset.filter(collator.fits)`")
+            user = self.template.render(self.template.format_question(row), enc.passages)
+            out["prompt"].append(self._messages(user))
+            out["completion"].append([{"role": "assistant", "content": row["response"]}])
+            out["shown_passage_ids"].append(enc.passage_ids)
+        return out if batched else {name: values[0] for name, values in out.items()}
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if len(examples) == 0:
             raise ValueError("the collator got an empty batch")
-        encoded = [self.encode(ex, cands) for ex, cands in zip(examples, self._candidates(examples))]
-        encoded = [e for e in encoded if e is not None]
+        encoded = [e for e in self.encode_batch(examples) if e is not None]
         if not encoded:
-            raise ExampleTooLongError(f"every example of this batch of {len(examples)} is longer than "
-                                      f"max_length={self.max_length} without passages: raise max_length or filter "
-                                      "the data set with RAREDataCollator.fits")
+            raise ExampleTooLongError(
+                f"every example of this batch of {len(examples)} is longer than max_length={self.max_length} even "
+                "without passages, and a batch with no rows cannot be trained on: filter the data set first with "
+                "`dataset = dataset.filter(collator.fits)` (or raise max_length)")
         return self._flatten(encoded) if self.padding_free else self._pad(encoded)
 
     def _pad(self, encoded: list[EncodedExample]) -> dict[str, torch.Tensor]:
@@ -420,16 +670,18 @@ class RAREDataCollator:
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         n = len(encoded)
-        input_ids = torch.full((n, length), self._pad_id, dtype=torch.long)
-        labels = torch.full((n, length), -100, dtype=torch.long)
-        attention_mask = torch.zeros((n, length), dtype=torch.long)
+        # filled in numpy and handed over without a copy: much cheaper than torch.tensor on Python lists
+        input_ids = np.full((n, length), self._pad_id, dtype=np.int64)
+        labels = np.full((n, length), -100, dtype=np.int64)
+        attention_mask = np.zeros((n, length), dtype=np.int64)
         left = getattr(self.tokenizer, "padding_side", "right") == "left"
         for row, e in enumerate(encoded):
             span = slice(length - len(e.input_ids), length) if left else slice(0, len(e.input_ids))
-            input_ids[row, span] = torch.tensor(e.input_ids)
-            labels[row, span] = torch.tensor(e.labels)
+            input_ids[row, span] = e.input_ids
+            labels[row, span] = e.labels
             attention_mask[row, span] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
+                "labels": torch.from_numpy(labels)}
 
     @staticmethod
     def _flatten(encoded: list[EncodedExample]) -> dict[str, torch.Tensor]:

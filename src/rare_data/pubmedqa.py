@@ -17,6 +17,25 @@ __all__ = ["PubMedQA", "load_pubmedqa", "pubmedqa_response"]
 
 HUB_ID = "qiaojin/PubMedQA"
 HUB_CONFIG = "pqa_labeled"
+# PQA-L: 1000 expert-labelled questions, of which the official split puts 500 in the test set.
+PQAL_SIZE = 1000
+OFFICIAL_TEST_SIZE = 500
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): re-download it from github.com/pubmedqa/pubmedqa") from err
+
+
+def _read_test_ids(path: Path) -> set[str]:
+    """Test ids from ``test_ground_truth.json`` (a mapping id -> answer) or a plain JSON list of ids."""
+    ids = _read_json(path)
+    if not isinstance(ids, (dict, list)):
+        raise ValueError(f"{path} must hold a JSON object (id -> answer, as test_ground_truth.json) or a list of ids, "
+                         f"got {type(ids).__name__}")
+    return {str(i) for i in ids}
 
 
 def pubmedqa_response(long_answer: str, decision: str) -> str:
@@ -48,8 +67,8 @@ def _records_from_local(data_dir: Path) -> tuple[list[dict[str, Any]], set[str] 
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: data_dir must hold ori_pqal.json and test_ground_truth.json from "
                                     "github.com/pubmedqa/pubmedqa (data/), or pass data_dir=None to use the Hub")
-    raw = json.loads(pqal.read_text(encoding="utf-8"))
-    test_ids = set(json.loads(truth.read_text(encoding="utf-8")))
+    raw = _read_json(pqal)
+    test_ids = _read_test_ids(truth)
     records = [{"pmid": str(pmid), "question": r["QUESTION"], "contexts": list(r["CONTEXTS"]),
                 "long_answer": r["LONG_ANSWER"], "final_decision": r["final_decision"]} for pmid, r in raw.items()]
     return records, test_ids
@@ -68,12 +87,14 @@ def _records_from_hub(test_ids_file: str | os.PathLike | None) -> tuple[list[dic
                 "long_answer": r["long_answer"], "final_decision": r["final_decision"]} for r in ds]
     test_ids = None
     if test_ids_file is not None:
-        test_ids = set(json.loads(Path(test_ids_file).read_text(encoding="utf-8")))
+        if not Path(test_ids_file).is_file():
+            raise FileNotFoundError(f"test_ids_file {test_ids_file} not found: pass the official test_ground_truth.json")
+        test_ids = _read_test_ids(Path(test_ids_file))
     return records, test_ids
 
 
-def load_pubmedqa(data_dir: str | os.PathLike | None = None, *, test_ids_file: str | os.PathLike | None = None
-                  ) -> PubMedQA:
+def load_pubmedqa(data_dir: str | os.PathLike | None = None, *, test_ids_file: str | os.PathLike | None = None,
+                  allow_partial_test: bool = False) -> PubMedQA:
     """Load PubMedQA PQA-L as RARE examples plus the passage corpus.
 
     Args:
@@ -81,6 +102,9 @@ def load_pubmedqa(data_dir: str | os.PathLike | None = None, *, test_ids_file: s
             ``qiaojin/PubMedQA`` (``pqa_labeled``) from the Hub.
         test_ids_file: With the Hub, the official ``test_ground_truth.json`` that defines the test split (the Hub
             copy has a single split); without it every question goes to ``train`` and ``test`` is empty.
+        allow_partial_test: With all 1000 PQA-L questions, a test-ids file that lists fewer than the official 500
+            test questions is refused, because the unlisted test questions would silently become training data;
+            pass ``True`` to accept such a file (the unlisted questions then go to ``train``).
 
     Returns:
         A :class:`PubMedQA`. Each example has ``id`` (the PubMed id), ``question``, ``response`` (the long answer
@@ -110,10 +134,17 @@ def load_pubmedqa(data_dir: str | os.PathLike | None = None, *, test_ids_file: s
     if test_ids is not None and len(test) != len(test_ids):
         raise ValueError(f"{len(test_ids) - len(test)} test ids are not among the PubMedQA questions: the ground-truth "
                          "file does not match the question file")
+    if test_ids is not None and len(records) == PQAL_SIZE and len(test) != OFFICIAL_TEST_SIZE and not allow_partial_test:
+        raise ValueError(f"the test-ids file lists {len(test)} of the {OFFICIAL_TEST_SIZE} official PQA-L test "
+                         f"questions, so {OFFICIAL_TEST_SIZE - len(test)} test questions would move into the training "
+                         f"set ({len(train)} train questions instead of {PQAL_SIZE - OFFICIAL_TEST_SIZE}): pass the "
+                         "complete official test_ground_truth.json, or allow_partial_test=True if this is intended")
     features = datasets.Features({"id": datasets.Value("string"), "question": datasets.Value("string"),
                                   "response": datasets.Value("string"), "answer": datasets.Value("string"),
                                   "gold_passage_ids": datasets.Sequence(datasets.Value("string")),
                                   "long_answer": datasets.Value("string")})
-    return PubMedQA(train=datasets.Dataset.from_list(train, features=features),
-                    test=datasets.Dataset.from_list(test, features=features),
-                    passages=passages, passage_ids=passage_ids)
+    # from_list([]) cannot build an empty table with features; from_dict with empty columns can.
+    def to_dataset(rows: list[dict[str, Any]]):
+        return datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in features}, features=features)
+
+    return PubMedQA(train=to_dataset(train), test=to_dataset(test), passages=passages, passage_ids=passage_ids)

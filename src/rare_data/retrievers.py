@@ -21,6 +21,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ._progress import progress_enabled
+from .templates import format_query
+
 __all__ = [
     "RetrievedPassage",
     "Retriever",
@@ -73,6 +76,11 @@ def _check_corpus(texts: Sequence[str], ids: Sequence[Any] | None) -> list[str]:
     """Validate a corpus and return its ids as strings (``"0"``, ``"1"``, ... by default)."""
     if len(texts) == 0:
         raise ValueError("the passage corpus is empty: pass at least one passage text")
+    for row, text in enumerate(texts):
+        if not isinstance(text, str):
+            name = f"id {ids[row]!r}" if ids is not None and row < len(ids) else f"row {row}"
+            raise TypeError(f"passage {name} is {type(text).__name__}, not a string (a None text would be retrieved "
+                            "as the text 'None'): fix or remove it")
     if ids is None:
         return [str(i) for i in range(len(texts))]
     if len(ids) != len(texts):
@@ -162,17 +170,17 @@ class BM25Retriever(_CorpusLookup):
         """
         import bm25s
 
-        texts = [str(t) for t in texts]
         str_ids = _check_corpus(texts, ids)
+        texts = list(texts)
         settings = {"k1": k1, "b": b, "method": method, "stopwords": stopwords, "lower": lower,
                     "token_pattern": token_pattern}
         tokens = bm25s.tokenize(texts, lower=lower, stopwords=stopwords, token_pattern=token_pattern,
-                                show_progress=False)
+                                show_progress=progress_enabled())
         if not tokens.vocab:
             raise ValueError(f"no passage contains a single token under token_pattern={token_pattern!r} and "
                              f"stopwords={stopwords!r}: check the passages or relax these settings")
         bm25 = bm25s.BM25(k1=k1, b=b, method=method)
-        bm25.index(tokens, show_progress=False)
+        bm25.index(tokens, show_progress=progress_enabled())
         fingerprint = _sha256("bm25", json.dumps(settings, sort_keys=True), str_ids, texts)
         return cls(settings=settings, ids=str_ids, fingerprint=fingerprint, texts=texts, bm25=bm25)
 
@@ -318,13 +326,14 @@ class DenseRetriever(_CorpusLookup):
         """
         import faiss
 
-        texts = [str(t) for t in texts]
         str_ids = _check_corpus(texts, ids)
+        texts = list(texts)
         retriever = cls(model=str(model), ids=str_ids, texts=texts, fingerprint="", device=device,
                         query_prompt=query_prompt, document_prompt=document_prompt, batch_size=batch_size)
         kwargs = {} if document_prompt is None else {"prompt": document_prompt}
         emb = retriever._embedder().encode_document(texts, batch_size=batch_size, normalize_embeddings=True,
-                                                    convert_to_numpy=True, show_progress_bar=False, **kwargs)
+                                                    convert_to_numpy=True, show_progress_bar=progress_enabled(),
+                                                    **kwargs)
         emb = np.ascontiguousarray(emb, dtype=np.float32)
         index = faiss.IndexFlatIP(emb.shape[1])
         index.add(emb)
@@ -427,12 +436,20 @@ class DenseRetriever(_CorpusLookup):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _batch_queries(batch: Mapping[str, list], query_column: str) -> list[str]:
+    """The collator's search text for each row of a batch: the stripped question plus its ``options``."""
+    options = batch.get("options") or [None] * len(batch[query_column])
+    return [format_query({"question": q, "options": o}) for q, o in zip(batch[query_column], options)]
+
+
 def precompute_retrieval(dataset, retriever: Retriever, k: int, *, query_column: str = "question",
                          ids_column: str = "passage_ids", scores_column: str | None = "passage_scores",
                          num_proc: int | None = None, batch_size: int = 256):
     """Run retrieval once over a ``datasets.Dataset`` and store the ranked ids as a column.
 
-    Retrieval goes through ``dataset.map(..., batched=True, num_proc=num_proc)``; the retriever is pickled
+    Each row is searched with the text the collator searches with (the stripped question, plus its ``options``
+    when the data set has that column). Retrieval goes through ``dataset.map(..., batched=True,
+    num_proc=num_proc)``; the retriever is pickled
     into each worker and opens its own handles there. The result caches under a fingerprint derived from
     the dataset, the retriever's fingerprint and ``k``, so a rerun with the same inputs is free.
 
@@ -458,7 +475,7 @@ def precompute_retrieval(dataset, retriever: Retriever, k: int, *, query_column:
                        "pass query_column=")
 
     def _retrieve(batch):
-        hits = retriever.search(batch[query_column], k)
+        hits = retriever.search(_batch_queries(batch, query_column), k)
         out = {ids_column: [[h.id for h in hs] for hs in hits]}
         if scores_column is not None:
             out[scores_column] = [[h.score for h in hs] for hs in hits]
@@ -472,6 +489,12 @@ def precompute_retrieval(dataset, retriever: Retriever, k: int, *, query_column:
 
 class PrecomputedRetriever:
     """Serve retrieval results computed ahead of time (see :func:`precompute_retrieval`).
+
+    Results are keyed on the query text, stripped (the collator searches with the stripped question plus its
+    options; :meth:`from_dataset` builds exactly that text). A query listed twice must have the same results:
+    different results for one text (e.g. two examples sharing a question but retrieved differently) are refused,
+    because a search by text could only return one of them -- keep such per-example results in the examples'
+    ``passage_ids`` column instead, which the collator reads per example.
 
     Args:
         queries: Query texts.
@@ -489,8 +512,16 @@ class PrecomputedRetriever:
             raise TypeError("store must be a mapping id -> text or have a get_passages(ids) method")
         self._table: dict[str, tuple[list[str], list[float]]] = {}
         for i, (q, pids) in enumerate(zip(queries, ranked_ids)):
+            if not isinstance(q, str):
+                raise TypeError(f"query {i} is {type(q).__name__}, not a string")
             sc = list(scores[i]) if scores is not None else [float("nan")] * len(pids)
-            self._table[str(q)] = ([str(p) for p in pids], [float(s) for s in sc])
+            entry = ([str(p) for p in pids], [float(s) for s in sc])
+            key = q.strip()
+            if key in self._table and self._table[key][0] != entry[0]:
+                raise ValueError(f"query {key[:80]!r} appears twice with different passage ids ({self._table[key][0]}"
+                                 f" vs {entry[0]}): a search by text cannot tell them apart; keep the ids per example "
+                                 "in a 'passage_ids' column (the collator reads it directly) or deduplicate")
+            self._table[key] = entry
         self._store = store
         store_fp = getattr(store, "fingerprint", None) or _sha256(
             "store", (f"{key}\x01{value}" for key, value in sorted(store.items())))
@@ -500,9 +531,11 @@ class PrecomputedRetriever:
     @classmethod
     def from_dataset(cls, dataset, store: Any, *, query_column: str = "question", ids_column: str = "passage_ids",
                      scores_column: str | None = "passage_scores") -> PrecomputedRetriever:
-        """Build from the output of :func:`precompute_retrieval`."""
+        """Build from the output of :func:`precompute_retrieval` (keyed on the collator's search text)."""
         scores = dataset[scores_column] if scores_column and scores_column in dataset.column_names else None
-        return cls(dataset[query_column], dataset[ids_column], store, scores)
+        columns = [query_column] + (["options"] if "options" in dataset.column_names else [])
+        queries = _batch_queries(dataset.select_columns(columns).to_dict(), query_column)
+        return cls(queries, dataset[ids_column], store, scores)
 
     @property
     def fingerprint(self) -> str:
@@ -525,7 +558,7 @@ class PrecomputedRetriever:
         """
         out = []
         for q in queries:
-            entry = self._table.get(str(q))
+            entry = self._table.get(str(q).strip())
             if entry is None:
                 raise KeyError(f"query {str(q)[:80]!r} has no precomputed results: run precompute_retrieval on the "
                                "data set that holds it, or use a live retriever")

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PromptTemplate", "TEMPLATES", "get_template", "format_options"]
+__all__ = ["PromptTemplate", "TEMPLATES", "get_template", "format_options", "format_query"]
 
 
 def format_options(options: Any) -> str:
@@ -30,6 +30,36 @@ def format_options(options: Any) -> str:
     else:
         items = [(chr(ord("A") + i), str(value)) for i, value in enumerate(options)]
     return "\n".join(f"{key}. {value}" for key, value in items)
+
+
+def format_query(example: Mapping[str, Any]) -> str:
+    """The question as shown and searched with: stripped, with ``options`` appended when the example has them.
+
+    The collator retrieves with exactly this text, and :func:`~rare_data.precompute_retrieval` /
+    :class:`~rare_data.PrecomputedRetriever` key their results on it, so multiple-choice questions match.
+
+    Raises:
+        KeyError: If there is no ``question``.
+        TypeError: If the question (or an option) is not a string -- ``None`` would be shown as "None".
+    """
+    name = example.get("id", example.get("question"))
+    if "question" not in example:
+        raise KeyError(f"example {name!r} has no 'question' field (fields: {sorted(example)})")
+    question = example["question"]
+    if not isinstance(question, str):
+        raise TypeError(f"example {name!r}: field 'question' is {type(question).__name__}, not a string")
+    question = question.strip()
+    options = example.get("options")
+    if isinstance(options, Mapping):
+        # a `datasets` struct column fills the keys a row lacks (option "E" of a 4-option question) with None
+        options = {key: value for key, value in options.items() if value is not None}
+    if options:
+        values = options.values() if isinstance(options, Mapping) else options
+        if isinstance(options, str) or not all(isinstance(v, str) for v in values):
+            raise TypeError(f"example {name!r}: field 'options' must be a mapping or a list of strings, got "
+                            f"{options!r}")
+        question = f"{question}\n{format_options(options)}"
+    return question
 
 
 @dataclass(frozen=True)
@@ -59,12 +89,7 @@ class PromptTemplate:
 
     def format_question(self, example: Mapping[str, Any]) -> str:
         """The question text as shown (with ``options`` appended when the example has them)."""
-        if "question" not in example:
-            raise KeyError(f"example has no 'question' field (fields: {sorted(example)})")
-        question = str(example["question"]).strip()
-        if example.get("options"):
-            question = f"{question}\n{format_options(example['options'])}"
-        return question
+        return format_query(example)
 
     def render(self, question: str, passages: Sequence[Any]) -> str:
         """Render the user turn.
