@@ -11,9 +11,8 @@ Training settings (one adapter each, same model, adapter and budget):
     zs            no training (zero-shot)
     sft_closed    fine-tuned closed-book (vanilla SFT: -log p(y | x))
     rare          fine-tuned with the BM25 top-k passages in the prompt (RARE: -log p(y | x, R(x)))
-    rare_raft     RARE with RAFT distractors (the gold pair kept with probability p, plus k - 2 distractors;
-                  until rare_data's RAFT replaces a dropped gold passage by a distractor -- the fix of issue 13 on
-                  branch rare-data -- a prompt without its gold pair shows only the k - 2 distractors)
+    rare_raft     RARE with RAFT distractors (the gold pair kept with probability p, plus k - 2 distractors; a
+                  dropped gold pair is replaced by distractors, so every prompt shows k passages)
 
 Test conditions (every trained model is evaluated in each; one JSON per (training setting, test condition)):
 
@@ -24,7 +23,8 @@ Test conditions (every trained model is evaluated in each; one JSON per (trainin
     oracle_edited   after the edit, the (edited) gold passages, on the flipped questions
 
 Responses: ``answer-rationale`` (default; ``<answer>X</answer>`` then the templated rationale that chains the gold
-facts) is scored in one forward pass: log p(yes) vs log p(no) right after the ``<answer>`` tag. ``rationale-answer``
+facts) is scored in one forward pass: log p(yes) vs log p(no) right after the ``<answer>`` tag, each summed over its
+surface variants ("yes", " yes", "Yes", " Yes": ``rare_data.ChoiceScorer``). ``rationale-answer``
 (RARE's own order) lets the model write its rationale greedily (up to ``--rationale-tokens``, stopping at the
 ``<answer>`` tag; the tag is appended when the model does not write it) and then scores yes / no after the tag.
 
@@ -47,14 +47,18 @@ Examples::
 Without ``--data-dir`` the data is generated in memory from ``--seed`` (the same rows ``--write-data`` writes), so
 the seed sets data and adapter init together. Each run's JSON is named by its setting, method, format, seed and a
 hash of its identity (every argument that changes the result, the model, and the data's sha256); a JSON is reused
-only when its stored identity is identical, so a rerun with other settings never picks up a stale result.
+only when its stored identity is identical, so a rerun with other settings never picks up a stale result (the
+identity also holds a sha256 of the runner's and the rare_data / peft_ssmlora packages' sources and the library
+versions: results of other code are recomputed).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -70,9 +74,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rare_knowledge_data as rkd  # noqa: E402
-import rare_pubmedqa as rp  # noqa: E402  (model loading, adapters, the answer scorer)
+import rare_pubmedqa as rp  # noqa: E402  (model loading and adapters)
 
-from rare_data import BM25Retriever, PromptTemplate, RAREDataCollator, RAREEpochCallback  # noqa: E402
+from rare_data import BM25Retriever, ChoiceScorer, PromptTemplate, RAREDataCollator, RAREEpochCallback  # noqa: E402
 
 TRAININGS = {
     "zs": None,
@@ -265,9 +269,9 @@ def evaluate(model, tokenizer, retriever, rows: list[dict], args, collator_setti
     """Scored yes/no answers on ``rows`` with the passages ``collator_setting`` selects."""
     model.eval()
     collator = make_collator(tokenizer, retriever, args, collator_setting)
-    scorer = rp.AnswerScorer(tokenizer)
+    scorer = ChoiceScorer(tokenizer, ANSWERS, prefix="<answer>")
     rationale_first = args.response_format == "rationale-answer"
-    reserve = (args.rationale_tokens if rationale_first else 0) + max(len(c) for c in scorer.candidates.values())
+    reserve = (args.rationale_tokens if rationale_first else 0) + scorer.max_new_tokens
     encoded = [collator.encode_prompt(r, max_new_tokens=reserve) for r in rows]
     start = time.time()
     kept = [(e, r) for e, r in zip(encoded, rows) if e is not None]
@@ -279,7 +283,6 @@ def evaluate(model, tokenizer, retriever, rows: list[dict], args, collator_setti
     per_question = {}
     for (e, r), (rationale_ids, wrote_tag) in zip(kept, rationales):
         scores, _ = scorer.score(model, e.input_ids + rationale_ids)
-        scores = {a: scores[a] for a in ANSWERS}
         row = {"id": r["id"], "gold": r["answer"], "pred": max(scores, key=scores.get),
                "margin": scores["yes"] - scores["no"], "passage_ids": e.passage_ids,
                "gold_all_shown": set(r["gold_passage_ids"]) <= set(e.passage_ids),
@@ -353,14 +356,33 @@ _TRAINING_ONLY = {"method", "rank", "alpha", "lr", "epochs", "batch_size", "grad
 _RAFT_ONLY = {"p_keep_gold", "distractor_pool"}
 
 
+@functools.cache
+def code_fingerprint() -> dict:
+    """The code a result depends on: sha256 of this runner's sources and of the rare_data and peft_ssmlora packages,
+    and the versions of the libraries that train and score. A result computed by other code is not reused."""
+    import peft
+    import transformers
+
+    files = [Path(__file__), Path(rkd.__file__), Path(rp.__file__)]
+    for package in ("rare_data", "peft_ssmlora"):
+        files += sorted(Path(importlib.util.find_spec(package).origin).parent.rglob("*.py"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return {"sources_sha256": digest.hexdigest(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
+
+
 def run_identity(training: str, test: str, args, model: str, data_sha256: str) -> dict:
-    """Everything that determines a run's result: settings, every result-changing argument, model and data."""
+    """Everything that determines a run's result: settings, every result-changing argument, model, data and code."""
     arguments = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_IDENTITY}
     if TRAININGS[training] is None:
         arguments = {k: v for k, v in arguments.items() if k not in _TRAINING_ONLY}
     if TRAININGS[training] != "raft":
         arguments = {k: v for k, v in arguments.items() if k not in _RAFT_ONLY}
-    return {"training": training, "test": test, "arguments": arguments, "model": model, "data_sha256": data_sha256}
+    return {"training": training, "test": test, "arguments": arguments, "model": model, "data_sha256": data_sha256,
+            "code": code_fingerprint()}
 
 
 def run_path(output_dir: Path, identity: dict) -> Path:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import rare_knowledge as rk  # noqa: E402
 import rare_knowledge_data as rkd  # noqa: E402
 
-SMALL = ["--train-drugs", "8", "--test-drugs", "4", "--drugs-per-target", "2", "--edit-fraction", "0.5"]
+SMALL = ["--train-drugs", "8", "--test-drugs", "2", "--drugs-per-target", "1", "--edit-fraction", "0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,7 @@ def test_run_identity_covers_what_changes_a_result():
     assert rk.run_path(Path("."), rk.run_identity("rare", "bm25", base, "m", "other-data")) != \
         rk.run_path(Path("."), ident)
     assert rk.run_identity("rare", "bm25", base, "other-model", "sha") != ident
+    assert len(ident["code"]["sources_sha256"]) == 64 and ident["code"]["peft"]  # results of other code are redone
     # a zero-shot row does not depend on training arguments, so it is not rerun when only those change
     zs = rk.run_identity("zs", "bm25", base, "m", "sha")
     assert rk.run_identity("zs", "bm25", rk.parse_args(["--lr", "2e-3", "--rank", "4"]), "m", "sha") == zs
@@ -161,10 +162,10 @@ def _argv(data_dir, model_dir, out, *extra) -> list[str]:
 
 def test_every_setting_trains_evaluates_and_writes_a_result(small_data, tiny_llama_dir, tmp_path):  # noqa: F811
     out = tmp_path / "results"
-    results = rk.main(_argv(small_data, tiny_llama_dir, out))
+    results = rk.main(_argv(small_data, tiny_llama_dir, out, "--p-keep-gold", "0.5"))
     got = {(r["training"], r["test"]): r for r in results}
     assert list(got) == [(t, e) for t in rk.TRAININGS for e in rk.TESTS]
-    n_test, n_flipped = 8, 4  # 4 test drugs x 2 questions; 2 edited drugs x 2 flipped questions
+    n_test, n_flipped = 4, 2  # 2 test drugs x 2 questions; 1 edited drug x 2 flipped questions
     for (training, test), r in got.items():
         assert r["test_examples"] == (n_flipped if test.endswith("_edited") else n_test)
         assert 0.0 <= r["accuracy"] <= 1.0 and r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1]
@@ -185,6 +186,9 @@ def test_every_setting_trains_evaluates_and_writes_a_result(small_data, tiny_lla
         assert np.isfinite(r["train_loss_mean"])
     assert got["sft_closed", "bm25"]["train_passages_per_example"] == 0
     assert got["rare", "bm25"]["train_passages_per_example"] == 3
+    # RAFT: the gold pair kept or replaced by distractors, k passages either way (the prompt length gives nothing away)
+    assert got["rare_raft", "bm25"]["train_passages_per_example"] == 3
+    assert got["rare_raft", "bm25"]["train_gold_all_shown"] < 1.0
     # the edited rows read the edited passages: the oracle shows each flipped question's new "inhibits" fact
     flipped = [o["id"] for o in got["zs", "oracle_edited"]["per_question"]]
     edits = rkd.read_jsonl(small_data / "edit.jsonl")
@@ -193,9 +197,9 @@ def test_every_setting_trains_evaluates_and_writes_a_result(small_data, tiny_lla
     table = (out / "table.md").read_text()
     assert all(f"| {t} | {e} |" in table for t, e in got)
     # the same command finds every result; another learning rate reruns the trained rows only
-    assert rk.main(_argv(small_data, tiny_llama_dir, out)) == []
-    rerun = rk.main(_argv(small_data, tiny_llama_dir, out, "--lr", "5e-4", "--tests", "bm25", "--trainings",
-                          "zs,sft_closed"))
+    assert rk.main(_argv(small_data, tiny_llama_dir, out, "--p-keep-gold", "0.5")) == []
+    rerun = rk.main(_argv(small_data, tiny_llama_dir, out, "--p-keep-gold", "0.5", "--lr", "5e-4", "--tests", "bm25",
+                          "--trainings", "zs,sft_closed"))
     assert [r["training"] for r in rerun] == ["sft_closed"]
     assert len(list(out.glob("*.json"))) == len(got) + 1  # a new file, the old result kept
 
@@ -203,13 +207,13 @@ def test_every_setting_trains_evaluates_and_writes_a_result(small_data, tiny_lla
 def test_rationale_first_format_with_lora(small_data, tiny_llama_dir, tmp_path):  # noqa: F811
     results = rk.main(_argv(small_data, tiny_llama_dir, tmp_path, "--method", "lora", "--trainings", "zs,rare",
                             "--tests", "bm25,bm25_edited", "--response-format", "rationale-answer",
-                            "--rationale-tokens", "6", "--eval-batch-size", "3", "--max-test", "6"))
+                            "--rationale-tokens", "6", "--eval-batch-size", "3"))
     assert [(r["training"], r["test"]) for r in results] == [("zs", "bm25"), ("zs", "bm25_edited"),
                                                              ("rare", "bm25"), ("rare", "bm25_edited")]
     for r in results:
         assert r["response_format"] == "rationale-answer" and 0.0 <= r["answer_tag_rate"] <= 1.0
         assert all("rationale" in o and o["pred"] in rk.ANSWERS for o in r["per_question"])
-    assert results[0]["test_examples"] == 6 and results[2]["method"] == "lora"
+    assert results[0]["test_examples"] == 4 and results[2]["method"] == "lora"
     # the training prompts asked for the rationale first and the response ended with the answer tag
     assert "Reason step by step" in rk.template_for("rationale-answer").instruction
     assert rk.response_text("yes", "R.", "rationale-answer") == "R.\n<answer>yes</answer>"
