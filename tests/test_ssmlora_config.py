@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import tiny_bert, tiny_gpt2, trainable_adapter_params
 from transformers import (
     AutoConfig,
@@ -115,6 +117,31 @@ def test_rank_below_one_is_refused():
         SSMLoRAConfig(r=0)
 
 
+@pytest.mark.parametrize("field", ["lora_alpha", "norm_eps", "state_dropout", "leaky_slope"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_numbers_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"`{field}` must be a finite number"):
+        SSMLoRAConfig(**{field: value})
+
+
+def test_zero_lora_alpha_is_refused_as_it_cannot_train():
+    with pytest.raises(ValueError, match="`lora_alpha` is 0.*nothing would train"):
+        SSMLoRAConfig(lora_alpha=0)
+
+
+@pytest.mark.parametrize("field, value, message", [("lora_alpha", 0, "`lora_alpha` is 0"),
+                                                   ("norm_eps", float("nan"), "`norm_eps` must be a finite number"),
+                                                   ("leaky_slope", float("inf"), "`leaky_slope` must be a finite")])
+def test_a_saved_config_is_validated_on_load(tmp_path, field, value, message):
+    get_peft_model(tiny_bert(), SSMLoRAConfig(r=2)).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    saved[field] = value  # a hand-edited or foreign file: json writes NaN and Infinity
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(tiny_bert(), tmp_path)
+
+
 def test_unknown_target_module_names_the_available_layers():
     with pytest.raises(ValueError, match=r"\['vlaue'\] match no module.*'query'.*Fix `target_modules`"):
         get_peft_model(tiny_bert(), SSMLoRAConfig(target_modules=["query", "vlaue"]))
@@ -148,13 +175,23 @@ def test_interval_module_outside_the_layer_stack_is_refused():
                                                   interval_modules=["query", "classifier"]))
 
 
+class BackwardsStack(torch.nn.Module):
+    """Runs its layers from the last to the first: against the chain order of their indices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in reversed(self.layers):
+            x = layer(x)
+        return x
+
+
 def test_a_chain_module_run_out_of_order_is_an_error():
-    model = get_peft_model(tiny_bert(layers=4), SSMLoRAConfig(r=4))
-    model(input_ids=torch.ones(1, 3, dtype=torch.long))  # a normal call works
-    value_in_layer_3 = model.base_model.model.bert.encoder.layer[3].attention.self.value
-    model.base_model.chain_context.reset()
-    with pytest.raises(RuntimeError, match="position 1 ran before position 0.*call the whole model"):
-        value_in_layer_3(torch.randn(1, 3, 32))
+    model = get_peft_model(BackwardsStack(), SSMLoRAConfig(r=2, target_modules=["layers.0", "layers.1", "layers.2"]))
+    with pytest.raises(RuntimeError, match="position 2 ran before position 1 in this forward call"):
+        model(torch.randn(1, 4))
 
 
 @pytest.mark.parametrize("init_weights", [True, "kaiming", "gaussian"])

@@ -26,6 +26,10 @@ def logits(model, ids, **kwargs):
         return model(input_ids=ids, **kwargs).logits
 
 
+def hooked_modules(model) -> list[str]:
+    return [name for name, m in model.named_modules() if m._forward_pre_hooks or m._forward_hooks]
+
+
 def test_gradients_reach_exactly_the_trainable_parameters(capsys):
     model = get_peft_model(tiny_bert(), SSMLoRAConfig(r=4, task_type="SEQ_CLS", init_weights=False))
     model.print_trainable_parameters()
@@ -125,18 +129,17 @@ def test_merge_is_refused_with_an_explanation():
 def test_unload_returns_the_clean_base_model_without_hooks():
     base_logits = logits(tiny_bert(), batch())
     model = get_peft_model(tiny_bert(), SSMLoRAConfig(r=4, init_weights=False))
-    inner = model.base_model.model
-    assert len(inner._forward_pre_hooks) == 1
+    assert hooked_modules(model.base_model.model) == ["bert.encoder"]  # the module that runs the chains
     unloaded = model.unload()
     assert not any(isinstance(m, SSMLoRALayer) for m in unloaded.modules())
-    assert not any(m._forward_pre_hooks for m in unloaded.modules())
+    assert not hooked_modules(unloaded)
     torch.testing.assert_close(logits(unloaded.eval(), batch()), base_logits, rtol=0, atol=0)
 
 
 def test_deleting_the_last_adapter_removes_the_hook():
     model = get_peft_model(tiny_bert(), SSMLoRAConfig(r=4))
     model.base_model.delete_adapter("default")
-    assert not model.base_model.model._forward_pre_hooks
+    assert not hooked_modules(model.base_model.model)
 
 
 def test_outputs_do_not_depend_on_batch_composition_or_earlier_calls():
@@ -149,3 +152,51 @@ def test_outputs_do_not_depend_on_batch_composition_or_earlier_calls():
     one_by_one = torch.cat([logits(model, ids[i:i + 1]) for i in range(6)])
     torch.testing.assert_close(one_by_one, together, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(logits(model, ids), together, rtol=0, atol=0)
+
+
+def test_trainable_token_indices_train_only_those_embedding_rows_and_round_trip(tmp_path):
+    """TRL sets `trainable_token_indices` when it adds chat-template tokens; peft's trainable-tokens machinery
+    serves SSMLoRA as it serves LoRA."""
+    model = get_peft_model(tiny_llama(), SSMLoRAConfig(r=4, init_weights=False, trainable_token_indices=[3, 5]))
+    every_token = torch.arange(VOCAB)
+    with torch.no_grad():
+        embeddings_before = model.get_input_embeddings()(every_token)
+    model.train()
+    ids = torch.tensor([[3, 5, 7, 9, 3]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p -= p.grad
+        embeddings_after = model.get_input_embeddings()(every_token)
+    changed = (embeddings_after != embeddings_before).any(dim=-1).nonzero().flatten().tolist()
+    assert changed == [3, 5]
+
+    model.eval()
+    expected = logits(model, batch())
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert loaded.peft_config["default"].trainable_token_indices == [3, 5]
+    torch.testing.assert_close(logits(loaded, batch()), expected, rtol=0, atol=0)
+
+
+def test_transformers_delete_adapter_of_the_last_adapter_removes_the_hooks():
+    """transformers' own adapter API deletes adapters layer by layer, without the tuner."""
+    model = tiny_llama()
+    model.add_adapter(SSMLoRAConfig(r=4, init_weights=False), adapter_name="first")
+    model.add_adapter(SSMLoRAConfig(r=2, init_weights=False, target_modules=["o_proj"]), adapter_name="second")
+    assert hooked_modules(model) == ["model"]
+    model.delete_adapter("first")
+    assert hooked_modules(model) == ["model"]  # "second" still needs them
+    model.delete_adapter("second")
+    assert not hooked_modules(model)
+    torch.testing.assert_close(logits(model, batch()), logits(tiny_llama(), batch()), rtol=0, atol=0)
+
+
+def test_lora_only_operations_say_they_are_not_supported():
+    model = get_peft_model(tiny_llama(), SSMLoRAConfig(r=4))
+    model.add_adapter("other", SSMLoRAConfig(r=4))
+    with pytest.raises(NotImplementedError, match="`add_weighted_adapter` is not supported by SSMLoRA"):
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], adapter_name="mix")
+    with pytest.raises(NotImplementedError, match="`subtract_mutated_init` is not supported by SSMLoRA"):
+        model.base_model.subtract_mutated_init({}, "default")

@@ -24,11 +24,11 @@ RATES=${RATES:-1e-3 2e-3}
 OUT=${OUT:-benchmarks/results/glue/cpu/ablation-$TASK}
 COMMON=(--task "$TASK" --data-dir "$DATA" --rank 8 --alpha 16 --epochs "$EPOCHS" --batch-size 16 --max-length 128)
 for lr in $RATES; do
-  python benchmarks/glue.py "${COMMON[@]}" --method lora,ssmlora --seed 0 --lr "$lr" --holdout-fraction 0.1 \
+  python -m benchmarks.glue "${COMMON[@]}" --method lora,ssmlora --seed 0 --lr "$lr" --holdout-fraction 0.1 \
     --max-train-samples "$SEL_N" --output-dir "$OUT/lr-select"
 done
 for seed in ${SEEDS:-0 1 2}; do
-  python benchmarks/glue.py "${COMMON[@]}" --method ssmlora,lora,lora-sparse,lora-half --seed "$seed" \
+  python -m benchmarks.glue "${COMMON[@]}" --method ssmlora,lora,lora-sparse,lora-half --seed "$seed" \
     --lr-from "$OUT/lr-select" --max-train-samples "$TRAIN_N" --output-dir "$OUT"
 done
-python benchmarks/glue.py --table-only --output-dir "$OUT"
+python -m benchmarks.glue --table-only --output-dir "$OUT"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
@@ -74,6 +75,9 @@ class SSMLoRAConfig(PeftConfig):
             B = C = D = 0; `"gaussian"`: the paper's A ~ N(0, 1/r) (about 12x larger than kaiming's at d_in = 384,
             r = 8; it learned SST-2 on only 2 of 4 seeds where kaiming learned on 4 of 4), B = C = D = 0; `False`:
             every matrix random, so a fresh adapter is not a no-op (for tests only).
+        trainable_token_indices (`list[int]` or `dict[str, list[int]]`): as in peft's `LoraConfig`: train only these
+            rows of the input embedding (a list), or of the named embedding modules (a dict), e.g. the chat-template
+            tokens TRL adds; peft's trainable-tokens machinery does the work and saves the rows with the adapter.
     """
 
     r: int = field(default=8, metadata={"help": "Rank of each SSMLoRA module (>= 1, >= 2 recommended)."})
@@ -122,6 +126,11 @@ class SSMLoRAConfig(PeftConfig):
         metadata={"help": "True/'kaiming': peft LoRA's A; 'gaussian': the paper's A ~ N(0, 1/r); B = C = D = 0. "
                   "False: random."},
     )
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
+        default=None,
+        metadata={"help": "Token indices whose embedding rows are trained (a list: the input embedding), or a dict "
+                  "{embedding module name: indices}; as in peft's LoraConfig."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -141,6 +150,15 @@ class SSMLoRAConfig(PeftConfig):
                 "learn nothing and SSMLoRA reduces to LoRA. Use r >= 2.",
                 UserWarning,
                 stacklevel=2,
+            )
+        for name in ("lora_alpha", "state_dropout", "leaky_slope", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+        if self.lora_alpha == 0:
+            raise ValueError(
+                "`lora_alpha` is 0, so the scaling is 0 and every adapter gradient is exactly zero: nothing would "
+                "train. Set `lora_alpha` (e.g. lora_alpha=16 with r=8)."
             )
         if not 0.0 <= self.state_dropout < 1.0:
             raise ValueError(f"`state_dropout` must be in [0, 1), got {self.state_dropout}.")

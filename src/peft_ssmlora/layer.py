@@ -6,11 +6,12 @@ import math
 from typing import Any
 
 import torch
+from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .chain import ChainContext, ChainLink
+from .chain import REENTRANT_CHECKPOINTING_REFUSED, ChainContext, ChainLink
 from .config import SSMLoRAConfig
 from .step import ssmlora_step
 
@@ -19,6 +20,47 @@ MERGE_REFUSED = (
     "through a nonlinear min-max normalisation, so it is not a fixed weight delta. Use `unload()` to get the base "
     "model back, or keep the PEFT model for inference."
 )
+
+
+def bitsandbytes_linear_types() -> tuple[type[nn.Module], ...]:
+    """bitsandbytes' quantized linear layers (QLoRA bases), or `()` when it is not installed; imported only when
+    installed, as peft does."""
+    if not is_bnb_available():
+        return ()
+    import bitsandbytes as bnb
+
+    return (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit) if is_bnb_4bit_available() else (bnb.nn.Linear8bitLt,)
+
+
+class SSMLoRAWeight(nn.Module):
+    """One SSMLoRA matrix in `nn.Linear` layout (`weight` has shape `(out_features, in_features)`); calling the module
+    returns its weight.
+
+    The layer calls these modules instead of reading `.weight`: FSDP1 (with peft's `fsdp_auto_wrap_policy`, which
+    Trainer installs for every peft model) makes each trainable leaf module its own FSDP unit, whose weight is
+    gathered only while that unit runs and is freed again right after. The saved key (`ssmlora_A.<adapter>.weight`)
+    is the one `nn.Linear` had.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        # The layer initialises the weight itself (`reset_ssmlora_parameters`); drawing nn.Linear's init first
+        # keeps the random stream, and so every seeded result, as it was when these were `nn.Linear` modules.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self) -> torch.Tensor:
+        weight = self.weight
+        if isinstance(weight, nn.Parameter):  # plain module, DDP, FSDP2: the parameter itself, no copy
+            return weight
+        # Inside an FSDP1 unit the weight is a plain view of the gathered flat parameter, which FSDP frees right
+        # after this call: copy it (r·d values) for the backward pass; the gradient flows through the copy into the
+        # sharded parameter.
+        return weight.clone()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
 class SSMLoRALayer(BaseTunerLayer):
@@ -51,6 +93,9 @@ class SSMLoRALayer(BaseTunerLayer):
         self.kwargs = kwargs
 
         base = self.get_base_layer()
+        # bitsandbytes' Linear8bitLt / Linear4bit subclass nn.Linear and keep its in/out features (their packed
+        # weights do not have that shape).
+        self.quantized_base = isinstance(base, bitsandbytes_linear_types())
         if isinstance(base, nn.Linear):
             self.in_features, self.out_features = base.in_features, base.out_features
         elif isinstance(base, Conv1D):
@@ -58,8 +103,8 @@ class SSMLoRALayer(BaseTunerLayer):
             self.in_features, self.out_features = base.weight.shape
         else:
             raise TypeError(
-                f"SSMLoRA supports torch.nn.Linear and transformers' Conv1D layers, not {type(base).__name__}; "
-                "remove this module from `target_modules`."
+                f"SSMLoRA supports torch.nn.Linear (bitsandbytes' 4-bit and 8-bit layers included) and transformers' "
+                f"Conv1D layers, not {type(base).__name__}; remove this module from `target_modules`."
             )
 
     def update_layer(self, adapter_name: str, config: SSMLoRAConfig) -> None:
@@ -71,13 +116,18 @@ class SSMLoRALayer(BaseTunerLayer):
         self.leaky_slope[adapter_name] = config.leaky_slope
         self.norm_eps[adapter_name] = config.norm_eps
         self.detach_state[adapter_name] = config.state_grad == "detach"
-        self.ssmlora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
-        self.ssmlora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
-        self.ssmlora_C[adapter_name] = nn.Linear(r, r, bias=False)
-        self.ssmlora_D[adapter_name] = nn.Linear(r, r, bias=False)
+        self.ssmlora_A[adapter_name] = SSMLoRAWeight(self.in_features, r)
+        self.ssmlora_B[adapter_name] = SSMLoRAWeight(r, self.out_features)
+        self.ssmlora_C[adapter_name] = SSMLoRAWeight(r, r)
+        self.ssmlora_D[adapter_name] = SSMLoRAWeight(r, r)
         self.reset_ssmlora_parameters(adapter_name, config.init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if not self.ssmlora_A and self.ssmlora_context is not None:
+            self.ssmlora_context.layer_emptied()
 
     @torch.no_grad()
     def reset_ssmlora_parameters(self, adapter_name: str, init_weights: bool | str) -> None:
@@ -103,7 +153,7 @@ class SSMLoRALayer(BaseTunerLayer):
 
 
 class Linear(nn.Module, SSMLoRALayer):
-    """SSMLoRA around a frozen `nn.Linear` or `Conv1D`."""
+    """SSMLoRA around a frozen `nn.Linear` (or bitsandbytes' `Linear8bitLt` / `Linear4bit`) or `Conv1D`."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SSMLoRAConfig, **kwargs: Any) -> None:
         super().__init__()
@@ -124,6 +174,10 @@ class Linear(nn.Module, SSMLoRALayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
+        if self.quantized_base:
+            # bitsandbytes may return a view of its own autograd output, which autograd forbids the Triton step
+            # (it adds the update in place) to modify; peft's LoRA copies 4-bit outputs for the same reason.
+            result = result.clone()
         for adapter in self.active_adapters:
             if adapter not in self.ssmlora_A:
                 continue
@@ -133,15 +187,20 @@ class Linear(nn.Module, SSMLoRALayer):
                     f"SSMLoRA layer for adapter {adapter!r} is not part of a chain; create SSMLoRA layers through "
                     "`get_peft_model` / `add_adapter`, not by hand."
                 )
-            state = self.ssmlora_context.read(adapter, link, x)
+            state, call = self.ssmlora_context.incoming_state(adapter, link, x)
+            if call is not None and call.with_grad and not torch.is_grad_enabled() and not self.detach_state[adapter]:
+                # A layer run without gradients inside a call with gradients: reentrant checkpointing's first
+                # forward (or a `no_grad` block in the model), which would cut the gradient along the chain.
+                raise RuntimeError(REENTRANT_CHECKPOINTING_REFUSED)
             result, new_state = ssmlora_step(
                 x,
                 result,
                 state,
-                self.ssmlora_A[adapter].weight,
-                self.ssmlora_B[adapter].weight,
-                self.ssmlora_C[adapter].weight,
-                self.ssmlora_D[adapter].weight,
+                # Called, not read: see `SSMLoRAWeight` (FSDP gathers each one only while it runs).
+                self.ssmlora_A[adapter](),
+                self.ssmlora_B[adapter](),
+                self.ssmlora_C[adapter](),
+                self.ssmlora_D[adapter](),
                 scaling=self.scaling[adapter],
                 dropout_p=self.state_dropout[adapter] if self.training else 0.0,
                 leaky_slope=self.leaky_slope[adapter],
@@ -151,7 +210,8 @@ class Linear(nn.Module, SSMLoRALayer):
             if self.detach_state[adapter]:
                 # The next module would detach it anyway; detaching here frees this step's graph sooner.
                 new_state = new_state.detach()
-            self.ssmlora_context.write(adapter, link, new_state)
+            if call is not None:  # None: a recomputation, whose original forward wrote this state already
+                call.write(adapter, link, new_state)
         return result
 
     def __repr__(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -10,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule,
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .chain import ChainContext, assign_chains, layer_index
+from .chain import REENTRANT_CHECKPOINTING_REFUSED, ChainContext, assign_chains, layer_index
 from .config import DEFAULT_TARGET_MODULES, SSMLoRAConfig
 from .layer import MERGE_REFUSED, Linear, SSMLoRALayer
 
@@ -32,8 +33,9 @@ class SSMLoRAModel(BaseTuner):
     """Creates an SSMLoRA model from a pretrained transformers model (see `SSMLoRAConfig`).
 
     Besides the layers, the tuner owns a `ChainContext` that carries states between the modules of each chain, and
-    one forward pre-hook on the wrapped model that clears it at the start of every forward call (so every call starts
-    from zero states) and refuses reentrant activation checkpointing. `unload()` removes the hook.
+    two hooks on the module that runs each chain (the wrapped model's layer stack, usually): a forward pre-hook that
+    opens a new call (so every call starts from zero states) and refuses reentrant activation checkpointing for
+    `state_grad="full"`, and a forward hook that closes it. `unload()` and deleting the last adapter remove them.
     """
 
     prefix: str = "ssmlora_"
@@ -42,8 +44,8 @@ class SSMLoRAModel(BaseTuner):
 
     def __init__(self, model: nn.Module, config, adapter_name: str, **kwargs: Any) -> None:
         # Set before `super().__init__`, which injects the first adapter and needs both.
-        self.chain_context = ChainContext()
-        self._forward_hook: torch.utils.hooks.RemovableHandle | None = None
+        self.chain_context = ChainContext(when_unused=self._remove_forward_hooks)
+        self._ssmlora_hooks: list[torch.utils.hooks.RemovableHandle] = []
         super().__init__(model, config, adapter_name, **kwargs)
 
     # ---------------------------------------------------------------- configuration and validation
@@ -135,8 +137,7 @@ class SSMLoRAModel(BaseTuner):
         self._validate_against_model(self._prepare_adapter_config(config, self.get_model_config(model)), model)
         super().inject_adapter(model, adapter_name, **kwargs)
         self._link_chains(model, adapter_name)
-        if self._forward_hook is None:
-            self._forward_hook = model.register_forward_pre_hook(self._start_forward)
+        self._install_forward_hooks(model)
 
     def _link_chains(self, model: nn.Module, adapter_name: str) -> None:
         """Give every module of `adapter_name` its chain position (this needs all of them, hence after injection)."""
@@ -146,11 +147,49 @@ class SSMLoRAModel(BaseTuner):
         for key, module in layers.items():
             module.ssmlora_chain[adapter_name] = links[key]
             module.ssmlora_context = self.chain_context
+            self.chain_context.track(module)
+
+    def _install_forward_hooks(self, model: nn.Module) -> None:
+        """Hook every chain's owner: the innermost module whose forward runs the whole chain. The wrapped model
+        calls them within its own forward; so do code paths that call an inner module directly (an encoder-decoder's
+        `generate` runs the encoder alone, fused-loss trainers run the decoder stack without its head)."""
+        self._remove_forward_hooks()
+        for owner in _chain_owners(model):
+            self._ssmlora_hooks += [
+                owner.register_forward_pre_hook(self._start_forward),
+                # always_call: the call closes even when the forward raises, so the next one starts clean.
+                owner.register_forward_hook(self._end_forward, always_call=True),
+            ]
 
     def _start_forward(self, module: nn.Module, args: Any) -> None:
-        self.chain_context.reset()
-        if module.training and torch.is_grad_enabled():
+        # Opened first: the forward hook closes the call even when the check below raises.
+        self.chain_context.open_call()
+        if module.training and torch.is_grad_enabled() and self._full_state_grad_active():
             _refuse_reentrant_checkpointing(module)
+
+    def _end_forward(self, module: nn.Module, args: Any, outputs: Any) -> None:
+        self.chain_context.close_call(outputs)
+
+    def _full_state_grad_active(self) -> bool:
+        return any(self.peft_config[name].state_grad == "full" for name in self.active_adapters
+                   if name in self.peft_config)
+
+    # ---------------------------------------------------------------- LoRA-only operations
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "`add_weighted_adapter` is not supported by SSMLoRA: it mixes adapters by combining their low-rank "
+            "matrices, which assumes each module's update is the fixed product B·A. An SSMLoRA module's update also "
+            "depends on the state its chain carries through a nonlinear normalisation, so a weighted mix of the "
+            "matrices is no mix of the adapters' effects. Train one adapter on the combined data, or switch "
+            "adapters with `set_adapter`."
+        )
+
+    def subtract_mutated_init(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "`subtract_mutated_init` is not supported by SSMLoRA: it converts PiSSA/OLoRA-initialised LoRA "
+            "adapters, and SSMLoRA has no such initialisation. Save the adapter with a plain `save_pretrained(path)`."
+        )
 
     # ---------------------------------------------------------------- merging and unloading
 
@@ -164,34 +203,41 @@ class SSMLoRAModel(BaseTuner):
         if merge:
             raise NotImplementedError(MERGE_REFUSED)
         model = super()._unload_and_optionally_merge(merge=False, **kwargs)
-        self._remove_forward_hook()
+        self._remove_forward_hooks()
         return model
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        if not self.peft_config:
-            self._remove_forward_hook()
+    def _remove_forward_hooks(self) -> None:
+        while self._ssmlora_hooks:
+            self._ssmlora_hooks.pop().remove()
 
-    def _remove_forward_hook(self) -> None:
-        if self._forward_hook is not None:
-            self._forward_hook.remove()
-            self._forward_hook = None
-        self.chain_context.reset()
+
+def _chain_owners(model: nn.Module) -> list[nn.Module]:
+    """For each chain of each adapter, the innermost module that contains all of its modules and has a forward."""
+    chains: dict[tuple[str, str], list[list[str]]] = {}
+    for key, module in model.named_modules():
+        if isinstance(module, SSMLoRALayer):
+            for adapter, link in module.ssmlora_chain.items():
+                chains.setdefault((adapter, link.chain), []).append(key.split("."))
+    owners: dict[int, nn.Module] = {}
+    for keys in chains.values():
+        path = os.path.commonprefix(keys)  # common leading name parts, e.g. ["model", "layers"]
+        owner = model.get_submodule(".".join(path))
+        while isinstance(owner, (nn.ModuleList, nn.ModuleDict)):  # containers are never called
+            path = path[:-1]
+            owner = model.get_submodule(".".join(path))
+        owners[id(owner)] = owner
+    return list(owners.values())
 
 
 def _refuse_reentrant_checkpointing(model: nn.Module) -> None:
-    """Reentrant checkpointing runs each layer's first forward under `no_grad` and recomputes it later, out of chain
-    order, inside backward: the chain would silently get wrong states and gradients. Non-reentrant checkpointing
-    (transformers' default) recomputes with the states of the original forward and is exact."""
+    """Reentrant checkpointing runs each layer's first forward under `no_grad`, so with `state_grad="full"` the
+    gradient along the chain would be silently cut (the layers refuse that too; this check names the transformers
+    flag before any work is done). With `state_grad="detach"` no gradient crosses layers and reentrant checkpointing
+    is exact: a recomputed layer reads the incoming state of its original forward."""
     for module in model.modules():
         if not getattr(module, "gradient_checkpointing", False):
             continue
         checkpoint_fn = getattr(module, "_gradient_checkpointing_func", None)
         # torch.utils.checkpoint treats a missing `use_reentrant` as True.
         if getattr(checkpoint_fn, "keywords", {}).get("use_reentrant", True):
-            raise RuntimeError(
-                "SSMLoRA does not support reentrant activation checkpointing: it recomputes layers out of chain "
-                "order and would silently give wrong gradients. Enable non-reentrant checkpointing instead: "
-                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
-                "(or TrainingArguments(gradient_checkpointing_kwargs={'use_reentrant': False}))."
-            )
+            raise RuntimeError(REENTRANT_CHECKPOINTING_REFUSED)
