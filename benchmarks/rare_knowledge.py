@@ -40,29 +40,27 @@ answers (with the accuracy on the same questions before the edit beside it: a mo
 
 Examples::
 
-    python benchmarks/rare_knowledge.py --write-data /tmp/rk0 --seed 0      # the data files + README
-    python benchmarks/rare_knowledge.py --seed 0 --method ssmlora            # every setting (data from the seed)
-    python benchmarks/rare_knowledge.py --table-only
+    python -m benchmarks.rare_knowledge --write-data /tmp/rk0 --seed 0      # the data files + README
+    python -m benchmarks.rare_knowledge --seed 0 --method ssmlora            # every setting (data from the seed)
+    python -m benchmarks.rare_knowledge --table-only
 
 Without ``--data-dir`` the data is generated in memory from ``--seed`` (the same rows ``--write-data`` writes), so
-the seed sets data and adapter init together. Each run's JSON is named by its setting, method, format, seed and a
-hash of its identity (every argument that changes the result, the model, and the data's sha256); a JSON is reused
-only when its stored identity is identical, so a rerun with other settings never picks up a stale result (the
-identity also holds a sha256 of the runner's and the rare_data / peft_ssmlora packages' sources and the library
-versions: results of other code are recomputed).
+the seed sets data and adapter init together. Each (training setting, test condition) is one JSON in the run store
+of ``benchmarks.common`` (default folder ``benchmarks/results/rare_knowledge/<device>``). Its identity holds every
+argument that changes the result (a zero-shot row leaves out the training arguments, a non-RAFT row the RAFT ones),
+the model, the sha256 of the data (read or generated), the package versions and the git commit; a stored result is
+reused only when the identity is identical, so a rerun with other settings, data or code never picks up a stale
+result. The file is named by setting, method, format, seed and a short hash of the arguments and model, so results
+of other settings stay beside each other in the table, while a result of older code or data is rerun in place. An
+unreadable JSON is reported by name and rerun.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import hashlib
-import importlib.util
 import json
-import os
-import platform
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -72,11 +70,27 @@ import numpy as np
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import rare_knowledge_data as rkd  # noqa: E402
-import rare_pubmedqa as rp  # noqa: E402  (model loading and adapters)
-
-from rare_data import BM25Retriever, ChoiceScorer, PromptTemplate, RAREDataCollator, RAREEpochCallback  # noqa: E402
+from benchmarks import rare_knowledge_data as rkd
+from benchmarks.common import (
+    RESULTS_DIR,
+    RunStore,
+    add_adapter,
+    arguments_of,
+    count_parameters,
+    device_tag,
+    host_info,
+    load_causal_lm,
+    load_tokenizer,
+    markdown_table,
+    model_short_name,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    require_model,
+    run_identity,
+    write_text_atomic,
+)
+from rare_data import BM25Retriever, ChoiceScorer, PromptTemplate, RAREDataCollator, RAREEpochCallback
 
 TRAININGS = {
     "zs": None,
@@ -94,7 +108,6 @@ TESTS = {
 }
 FORMATS = ("answer-rationale", "rationale-answer")
 ANSWERS = ("yes", "no")
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "rare_knowledge" / "cpu"
 
 _RULE = ("A drug can treat a disease only if it inhibits the target that drives that disease; every disease has "
          "exactly one driver target.")
@@ -157,6 +170,13 @@ def first(rows: list[dict], n: int | None) -> list[dict]:
 
 
 # ---- training --------------------------------------------------------------------------------------------------
+def with_adapter(model, args):
+    """The method's adapter at its default placement (Llama: LoRA on q_proj / v_proj of every layer, SSMLoRA on
+    q_proj / v_proj staggered over the layers), SSMLoRA with the chosen init of A."""
+    options = {"init_weights": args.ssmlora_init} if args.method == "ssmlora" else {}
+    return add_adapter(model, args.method, r=args.rank, alpha=args.alpha, task_type="CAUSAL_LM", **options)
+
+
 def make_collator(tokenizer, retriever, args, setting: str, raft: bool = False) -> RAREDataCollator:
     """One collator per passage setting, with the same template, k and lengths for training and test prompts.
 
@@ -180,7 +200,8 @@ def gold_shown_stats(encoded: list, rows: list[dict]) -> dict:
     """Share of prompts showing both / at least one gold passage, and passages per prompt."""
     pairs = [(set(e.passage_ids), set(r["gold_passage_ids"])) for e, r in zip(encoded, rows) if e is not None]
     n = max(len(pairs), 1)
-    return {"gold_all_shown": sum(g <= s for s, g in pairs) / n, "gold_any_shown": sum(bool(g & s) for s, g in pairs) / n,
+    return {"gold_all_shown": sum(g <= s for s, g in pairs) / n,
+            "gold_any_shown": sum(bool(g & s) for s, g in pairs) / n,
             "passages_per_example": sum(len(s) for s, _ in pairs) / n}
 
 
@@ -212,7 +233,8 @@ def train(model, tokenizer, retriever, rows: list[dict], args, train_setting: st
             "train_tokens_per_example": sum(len(e.input_ids) for e in encoded if e) / max(len(kept), 1),
             "train_passages_per_example": shown["passages_per_example"],
             "train_gold_all_shown": shown["gold_all_shown"] if train_setting != "closed_book" else None,
-            "train_seconds": round(seconds, 1), "train_examples_per_second": round(len(kept) * args.epochs / seconds, 3),
+            "train_seconds": round(seconds, 1),
+            "train_examples_per_second": round(len(kept) * args.epochs / seconds, 3),
             "train_steps": result.global_step, "train_loss_first": losses[0] if losses else None,
             "train_loss_last": losses[-1] if losses else None, "train_loss_mean": result.training_loss}
 
@@ -227,6 +249,14 @@ class _StopAtTag(StoppingCriteria):
     def __call__(self, input_ids, scores, **kwargs):
         return torch.tensor([find(row[self.prompt_length:].tolist(), self.tag) is not None
                              or row[-1].item() in self.stop_ids for row in input_ids], device=input_ids.device)
+
+
+def end_of_turn_ids(model, tokenizer) -> set[int]:
+    """Tokens that end the model's turn: the tokenizer's EOS and the generation config's EOS ids (chat models
+    often list their end-of-turn token there)."""
+    configured = model.generation_config.eos_token_id
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return {t for t in [tokenizer.eos_token_id, *configured] if t is not None}
 
 
 def find(sequence: list[int], pattern: list[int]) -> int | None:
@@ -277,9 +307,10 @@ def evaluate(model, tokenizer, retriever, rows: list[dict], args, collator_setti
     kept = [(e, r) for e, r in zip(encoded, rows) if e is not None]
     rationales = [([], False)] * len(kept)
     if rationale_first and kept:
-        stop_ids = set(collator._eot_ids) | {tokenizer.eos_token_id}
-        rationales = greedy_rationales(model, [e.input_ids for e, _ in kept], scorer.prefix, stop_ids,
-                                       collator._pad_id, args.rationale_tokens, args.eval_batch_size)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        rationales = greedy_rationales(model, [e.input_ids for e, _ in kept], scorer.prefix,
+                                       end_of_turn_ids(model, tokenizer), pad_id, args.rationale_tokens,
+                                       args.eval_batch_size)
     per_question = {}
     for (e, r), (rationale_ids, wrote_tag) in zip(kept, rationales):
         scores, _ = scorer.score(model, e.input_ids + rationale_ids)
@@ -345,91 +376,34 @@ def bootstrap_ci(values: np.ndarray, statistic, n_resamples: int, seed: int = 0)
     return [round(float(low), 4), round(float(high), 4)]
 
 
-# ---- run identity and result files (the part a shared run store replaces) --------------------------------------
+# ---- run identity and result names -----------------------------------------------------------------------------
 # Arguments that never change a result (where results go, what to run, threads, table mode), and those the identity
-# holds in another form: the model's path, the data's sha256 (which covers --data-dir and the recipe).
-_NOT_IDENTITY = {"output_dir", "table_only", "trainings", "tests", "threads", "write_data", "data_dir", "model",
-                 "train_drugs", "test_drugs", "drugs_per_target", "edit_fraction"}
+# holds in another form: the data's sha256 covers --data-dir and the recipe; the model is the identity's own key.
+NOT_IDENTITY = ("output_dir", "table_only", "trainings", "tests", "threads", "write_data", "data_dir", "model",
+                "train_drugs", "test_drugs", "drugs_per_target", "edit_fraction")
 # Arguments that only matter once something is trained.
-_TRAINING_ONLY = {"method", "rank", "alpha", "lr", "epochs", "batch_size", "grad_accum", "warmup_steps", "max_train",
-                  "ssmlora_init"}
-_RAFT_ONLY = {"p_keep_gold", "distractor_pool"}
+TRAINING_ONLY = ("method", "rank", "alpha", "lr", "epochs", "batch_size", "grad_accum", "warmup_steps", "max_train",
+                 "ssmlora_init")
+RAFT_ONLY = ("p_keep_gold", "distractor_pool")
 
 
-@functools.cache
-def code_fingerprint() -> dict:
-    """The code a result depends on: sha256 of this runner's sources and of the rare_data and peft_ssmlora packages,
-    and the versions of the libraries that train and score. A result computed by other code is not reused."""
-    import peft
-    import transformers
-
-    files = [Path(__file__), Path(rkd.__file__), Path(rp.__file__)]
-    for package in ("rare_data", "peft_ssmlora"):
-        files += sorted(Path(importlib.util.find_spec(package).origin).parent.rglob("*.py"))
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return {"sources_sha256": digest.hexdigest(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__}
+def identity_of(training: str, test: str, args, data_sha256: str) -> dict:
+    """The run store's identity of one (training setting, test condition): the result-changing arguments (a
+    zero-shot row leaves out the training ones, so it is not rerun when only those change), the data's sha256, the
+    model, package versions and git commit."""
+    exclude = [*NOT_IDENTITY, *(TRAINING_ONLY if TRAININGS[training] is None else ()),
+               *(RAFT_ONLY if TRAININGS[training] != "raft" else ())]
+    arguments = {**arguments_of(args, exclude), "training": training, "test": test, "data_sha256": data_sha256}
+    return run_identity(arguments, model=args.model)
 
 
-def run_identity(training: str, test: str, args, model: str, data_sha256: str) -> dict:
-    """Everything that determines a run's result: settings, every result-changing argument, model, data and code."""
-    arguments = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_IDENTITY}
-    if TRAININGS[training] is None:
-        arguments = {k: v for k, v in arguments.items() if k not in _TRAINING_ONLY}
-    if TRAININGS[training] != "raft":
-        arguments = {k: v for k, v in arguments.items() if k not in _RAFT_ONLY}
-    return {"training": training, "test": test, "arguments": arguments, "model": model, "data_sha256": data_sha256,
-            "code": code_fingerprint()}
-
-
-def run_path(output_dir: Path, identity: dict) -> Path:
-    """``<training>@<test>__<method>__<format>__seed<S>__<hash of the identity>.json``"""
-    a = identity["arguments"]
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    method = a.get("method", "base")
-    return output_dir / f"{identity['training']}@{identity['test']}__{method}__{a['response_format']}__seed{a['seed']}" \
-                        f"__{digest}.json"
-
-
-def load_result(path: Path, identity: dict) -> dict | None:
-    """The stored result at ``path`` when it exists, parses and has exactly this identity; else None (rerun)."""
-    if not path.is_file():
-        return None
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        print(f"warning: {path} is unreadable ({error}); running it again", flush=True)
-        return None
-    return result if result.get("identity") == identity else None
-
-
-def save_result(path: Path, result: dict) -> None:
-    """Atomic write (temp file + rename): an interrupted run never leaves half a JSON behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=1)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_results(output_dir: Path) -> list[dict]:
-    results = []
-    for path in sorted(output_dir.glob("*.json")):
-        try:
-            results.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as error:
-            print(f"warning: skipping unreadable {path} ({error})", flush=True)
-    return results
+def run_name(identity: dict) -> str:
+    """``<training>@<test>__<method>__<format>__seed<S>__<hash of the arguments and model>``: runs of other settings
+    get their own file; a run of the same settings with other code or package versions is rerun in its place."""
+    config = identity["config"]
+    a = config["arguments"]
+    digest = hashlib.sha256(json.dumps([a, config["model"]], sort_keys=True).encode()).hexdigest()[:10]
+    return f"{a['training']}@{a['test']}__{a.get('method', 'base')}__{a['response_format']}__seed{a['seed']}__{digest}"
 
 
 # ---- table -----------------------------------------------------------------------------------------------------
@@ -441,42 +415,44 @@ def _ci(interval, scale: float = 100.0, digits: int = 1) -> str:
     return "–" if not interval else f"[{scale * interval[0]:.{digits}f}, {scale * interval[1]:.{digits}f}]"
 
 
+TABLE_HEADER = ["training", "test", "method", "format", "config", "seed", "n", "accuracy", "95% CI", "yes/no AUC",
+                "95% CI", "gold both / any shown", "pred yes/no", "before edit", "train s", "eval s"]
+MEAN_HEADER = ["training", "test", "method", "format", "config", "seeds", "accuracy", "yes/no AUC", "before edit"]
+
+
 def write_table(output_dir: Path) -> Path:
-    """``table.md``: one row per run, then the mean over seeds of each configuration."""
-    runs = [r for r in load_results(output_dir) if "identity" in r]
+    """``table.md``: one row per run, then the mean over seeds of each configuration (unreadable JSONs are reported
+    by name and left out)."""
+    runs = RunStore(output_dir).load(where=lambda r: "training" in r and "accuracy" in r)
     order_t, order_e = list(TRAININGS), list(TESTS)
     runs.sort(key=lambda r: (r["method_label"], r["response_format"], r["config_label"], order_t.index(r["training"]),
                              order_e.index(r["test"]), r["seed"]))
-    header = ("| training | test | method | format | config | seed | n | accuracy | 95% CI | yes/no AUC | 95% CI | "
-              "gold both / any shown | pred yes/no | before edit | train s | eval s |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    rows = []
     for r in runs:
         p = r["predictions"]
         hit = "–" if r["gold_all_shown"] is None else f"{r['gold_all_shown']:.2f} / {r['gold_any_shown']:.2f}"
-        before = _pct(r.get("accuracy_before_edit"))
         auc_value = "–" if r["yes_no_auc"] is None else f"{r['yes_no_auc']:.2f}"
-        lines.append(f"| {r['training']} | {r['test']} | {r['method_label']} | {r['response_format']} | "
-                     f"{r['config_label']} | {r['seed']} | {r['test_examples']} | {_pct(r['accuracy'])} | "
-                     f"{_ci(r['accuracy_ci95'])} | {auc_value} | {_ci(r['yes_no_auc_ci95'], 1, 2)} | {hit} | "
-                     f"{p.get('yes', 0)}/{p.get('no', 0)} | {before} | {r.get('train_seconds', 0):.0f} | "
-                     f"{r['eval_seconds']:.0f} |")
+        rows.append([r["training"], r["test"], r["method_label"], r["response_format"], r["config_label"], r["seed"],
+                     r["test_examples"], _pct(r["accuracy"]), _ci(r["accuracy_ci95"]), auc_value,
+                     _ci(r["yes_no_auc_ci95"], 1, 2), hit, f"{p.get('yes', 0)}/{p.get('no', 0)}",
+                     _pct(r.get("accuracy_before_edit")), f"{r.get('train_seconds', 0):.0f}",
+                     f"{r['eval_seconds']:.0f}"])
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["training"], r["test"], r["method_label"], r["response_format"], r["config_label"]),
                           []).append(r)
-    lines += ["", "Mean over seeds (± sample standard deviation across seeds):", "",
-              "| training | test | method | format | config | seeds | accuracy | yes/no AUC | before edit |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    means = []
     for key, members in groups.items():
         cells = []
         for field, scale, digits in (("accuracy", 100, 1), ("yes_no_auc", 1, 2), ("accuracy_before_edit", 100, 1)):
             values = [m[field] * scale for m in members if m.get(field) is not None]
             sd = f" ± {np.std(values, ddof=1):.{digits}f}" if len(values) > 1 else ""
             cells.append(f"{np.mean(values):.{digits}f}{sd}" if values else "–")
-        lines.append(f"| {' | '.join(key)} | {len(members)} | {' | '.join(cells)} |")
-    path = output_dir / "table.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+        means.append([*key, len(members), *cells])
+    text = "\n\n".join([markdown_table(TABLE_HEADER, rows),
+                         "Mean over seeds (± sample standard deviation across seeds):",
+                         markdown_table(MEAN_HEADER, means)])
+    return write_text_atomic(output_dir / "table.md", text + "\n")
 
 
 def config_label(args) -> str:
@@ -503,27 +479,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", default="ssmlora", choices=["ssmlora", "lora"])
     p.add_argument("--ssmlora-init", default="kaiming", choices=["kaiming", "gaussian"])
     p.add_argument("--response-format", default="answer-rationale", choices=FORMATS)
-    p.add_argument("--rationale-tokens", type=int, default=48,
+    p.add_argument("--rationale-tokens", type=positive_int, default=48,
                    help="rationale-answer: greedy tokens the model may write before the <answer> tag")
-    p.add_argument("--eval-batch-size", type=int, default=16, help="rationale-answer: prompts generated together")
-    p.add_argument("--max-train", type=int, default=None, help="first N training questions (default: all)")
-    p.add_argument("--max-test", type=int, default=None, help="first N test questions (default: all)")
-    p.add_argument("--k", type=int, default=4, help="passages per prompt (BM25 top k; RAFT: 2 gold + k-2 others)")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per example (prompt + response)")
-    p.add_argument("--max-passage-tokens", type=int, default=64, help="each passage cut to this many tokens")
+    p.add_argument("--eval-batch-size", type=positive_int, default=16,
+                   help="rationale-answer: prompts generated together")
+    p.add_argument("--max-train", type=positive_int, default=None, help="first N training questions (default: all)")
+    p.add_argument("--max-test", type=positive_int, default=None, help="first N test questions (default: all)")
+    p.add_argument("--k", type=positive_int, default=4,
+                   help="passages per prompt (BM25 top k; RAFT: 2 gold + k-2 others)")
+    p.add_argument("--max-length", type=positive_int, default=512, help="tokens per example (prompt + response)")
+    p.add_argument("--max-passage-tokens", type=positive_int, default=64, help="each passage cut to this many tokens")
     p.add_argument("--p-keep-gold", type=float, default=0.8, help="RAFT: probability of keeping the gold passages")
-    p.add_argument("--distractor-pool", type=int, default=8, help="RAFT: top BM25 passages distractors come from")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=1, help="per step; 1 avoids padding on a CPU")
-    p.add_argument("--grad-accum", type=int, default=8)
-    p.add_argument("--warmup-steps", type=int, default=2)
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--distractor-pool", type=positive_int, default=8,
+                   help="RAFT: top BM25 passages distractors come from")
+    p.add_argument("--rank", type=positive_int, default=8)
+    p.add_argument("--alpha", type=positive_float, default=16.0)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--epochs", type=positive_float, default=1.0)
+    p.add_argument("--batch-size", type=positive_int, default=1, help="per step; 1 avoids padding on a CPU")
+    p.add_argument("--grad-accum", type=positive_int, default=8)
+    p.add_argument("--warmup-steps", type=non_negative_int, default=2)
+    p.add_argument("--bootstrap", type=non_negative_int, default=1000,
+                   help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--seed", type=int, default=0, help="data (without --data-dir) and adapter init")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (share a CPU fairly)")
-    p.add_argument("--output-dir", default=str(DEFAULT_OUTPUT))
+    p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (share a CPU fairly)")
+    p.add_argument("--output-dir", default=None, help="default: benchmarks/results/rare_knowledge/<device>")
     p.add_argument("--table-only", action="store_true", help="only rebuild table.md from the JSON files")
     args = p.parse_args(argv)
     args.trainings = [s.strip() for s in args.trainings.split(",") if s.strip()]
@@ -534,8 +514,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"{flag}: unknown {unknown}; choose from {list(known)}")
     if args.k < 2:
         p.error("--k must be >= 2: every question needs its two gold passages")
-    if args.max_train is not None and args.max_train <= 0 or args.max_test is not None and args.max_test <= 0:
-        p.error("--max-train / --max-test must be positive (omit them for every question)")
+    if not 0.0 <= args.p_keep_gold <= 1.0:
+        p.error(f"--p-keep-gold is a probability, got {args.p_keep_gold}")
+    if args.output_dir is None:
+        args.output_dir = str(RESULTS_DIR / "rare_knowledge" / device_tag())
     return args
 
 
@@ -553,12 +535,13 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(args.threads)
 
     data, data_sha256 = load_or_generate(args)
-    model_name = args.model or rp.default_model()
+    args.model = model_name = require_model(args.model, "smollm2")  # resolved first: part of every identity
+    store = RunStore(output_dir)
     plan = [(t, e) for t in args.trainings for e in args.tests]
-    identities = {pair: run_identity(*pair, args, model_name, data_sha256) for pair in plan}
-    todo = [pair for pair in plan if load_result(run_path(output_dir, identities[pair]), identities[pair]) is None]
+    identities = {pair: identity_of(*pair, args, data_sha256) for pair in plan}
+    todo = [pair for pair in plan if store.needs_run(run_name(identities[pair]), identities[pair])]
     if not todo:
-        print("every requested run has a result with this identity; table:", write_table(output_dir))
+        print("every requested run is stored with these settings already; table:", write_table(output_dir))
         return []
 
     train_rows = first(data["train.jsonl"], args.max_train)
@@ -569,7 +552,7 @@ def main(argv=None) -> list[dict]:
     retrievers = {name: retriever_for(corpus) for name, corpus in corpora.items()}
     questions = {("original", "all"): test_rows, ("edited", "flipped"): flipped_questions(test_rows, edits, True)}
     before_edit = flipped_questions(test_rows, edits, False)
-    base, tokenizer = rp.load_model_and_tokenizer(model_name)
+    base, tokenizer = load_causal_lm(model_name, dtype=torch.float32), load_tokenizer(model_name)
     print(f"train {len(train_rows)} / test {len(test_rows)} questions, {len(questions['edited', 'flipped'])} flipped "
           f"by the edit; corpus {len(corpora['original'])} passages", flush=True)
 
@@ -578,8 +561,8 @@ def main(argv=None) -> list[dict]:
         model, train_stats = base, {}
         if TRAININGS[training] is not None:
             set_seed(args.seed)  # the adapter's init must not depend on which settings ran before
-            model = rp.wrap_for_training(copy.deepcopy(base), args.method, args.rank, args.alpha, args.ssmlora_init)
-            n_trainable = rp.count_trainable(model)
+            model = with_adapter(copy.deepcopy(base), args)
+            n_trainable = count_parameters(model)["total"]
             print(f"[{training}] training ({args.method}, {n_trainable} trainable parameters)", flush=True)
             train_stats = train(model, tokenizer, retrievers["original"], train_rows, args, TRAININGS[training])
             train_stats["trainable_parameters"] = n_trainable
@@ -593,19 +576,15 @@ def main(argv=None) -> list[dict]:
                 metrics["eval_seconds"] += before["eval_seconds"]
             identity = identities[training, test]
             result = {
-                "training": training, "test": test, "identity": identity, **metrics, **train_stats,
+                "training": training, "test": test, **metrics, **train_stats,
                 "trained": TRAININGS[training] is not None, "seed": args.seed,
                 "method": args.method if TRAININGS[training] else None,
                 "method_label": args.method if TRAININGS[training] else "–", "response_format": args.response_format,
                 "config_label": config_label(args) if TRAININGS[training] else f"k{args.k}",
-                "model": model_name, "model_short": rp.model_short(model_name), "data_dir": args.data_dir,
-                "data_sha256": data_sha256, "config": {k: v for k, v in vars(args).items() if k != "output_dir"},
-                "host": {"python": sys.version.split()[0], "torch": torch.__version__,
-                         "platform": platform.platform(), "threads": torch.get_num_threads(),
-                         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-                         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+                "model": model_name, "model_short": model_short_name(model_name), "data_dir": args.data_dir,
+                "data_sha256": data_sha256, "config": arguments_of(args, ("output_dir",)), "host": host_info(),
             }
-            save_result(run_path(output_dir, identity), result)
+            store.save(run_name(identity), result, identity)
             write_table(output_dir)
             print(f"[{training}@{test}] accuracy {_pct(metrics['accuracy'])} {_ci(metrics['accuracy_ci95'])}  AUC "
                   f"{metrics['yes_no_auc']}  predictions {metrics['predictions']}  train "

@@ -3,23 +3,22 @@
 The data tests check the properties the benchmark's conclusions rest on: the files are a pure function of the seed,
 no test entity occurs in a training question, each question needs its two gold passages (both in the corpus), and the
 knowledge edit's new answers are what the edited corpus's own text implies. The pipeline tests run every training
-setting and test condition end to end on a tiny random Llama (the tokenizer and model of
-test_rare_pubmedqa_pipeline.py) through the real command line.
+setting and test condition end to end on a tiny random Llama (conftest's `tiny_llama_dir`) through the real command
+line, including the run store's resume rules.
 """
 
 from __future__ import annotations
 
+import copy
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_rare_pubmedqa_pipeline import tiny_llama_dir  # noqa: F401  (fixture)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import rare_knowledge as rk  # noqa: E402
-import rare_knowledge_data as rkd  # noqa: E402
+from benchmarks import rare_knowledge as rk
+from benchmarks import rare_knowledge_data as rkd
+from benchmarks.common import RunStore
 
 SMALL = ["--train-drugs", "8", "--test-drugs", "2", "--drugs-per-target", "1", "--edit-fraction", "0.5"]
 
@@ -131,20 +130,34 @@ def test_auc_and_bootstrap_interval():
     assert 0.5 < ci[0] < 0.75 < ci[1] < 0.95
 
 
+def _identity(training="rare", test="bm25", argv=(), model="m", data="sha") -> dict:
+    args = rk.parse_args(list(argv))
+    args.model = model
+    return rk.identity_of(training, test, args, data)
+
+
 def test_run_identity_covers_what_changes_a_result():
-    base = rk.parse_args([])
-    ident = rk.run_identity("rare", "bm25", base, "m", "sha")
+    ident = _identity()
     for changed in (["--lr", "2e-3"], ["--k", "3"], ["--rank", "4"], ["--epochs", "2"], ["--grad-accum", "4"],
-                    ["--max-length", "256"], ["--method", "lora"], ["--seed", "1"], ["--alpha", "8"]):
-        other = rk.run_identity("rare", "bm25", rk.parse_args(changed), "m", "sha")
-        assert rk.run_path(Path("."), other) != rk.run_path(Path("."), ident), changed
-    assert rk.run_path(Path("."), rk.run_identity("rare", "bm25", base, "m", "other-data")) != \
-        rk.run_path(Path("."), ident)
-    assert rk.run_identity("rare", "bm25", base, "other-model", "sha") != ident
-    assert len(ident["code"]["sources_sha256"]) == 64 and ident["code"]["peft"]  # results of other code are redone
+                    ["--max-length", "256"], ["--method", "lora"], ["--seed", "1"], ["--alpha", "8"],
+                    ["--ssmlora-init", "gaussian"], ["--max-passage-tokens", "32"], ["--max-train", "10"]):
+        other = _identity(argv=changed)
+        assert other["hash"] != ident["hash"] and rk.run_name(other) != rk.run_name(ident), changed
+    for other in (_identity(data="other-data"), _identity(model="other-model"), _identity(test="oracle"),
+                  _identity(training="rare_raft")):
+        assert other["hash"] != ident["hash"] and rk.run_name(other) != rk.run_name(ident)
+    raft = _identity(training="rare_raft")
+    assert _identity(training="rare_raft", argv=["--p-keep-gold", "0.5"])["hash"] != raft["hash"]
+    assert _identity(argv=["--p-keep-gold", "0.5"]) == ident  # RAFT's options do not change a plain RARE row
+    # code or package versions: the same file name (rerun in place), another identity (never reused)
+    assert ident["config"]["versions"]["peft"] and "git_commit" in ident["config"]
+    newer = copy.deepcopy(ident)
+    newer["config"]["versions"]["peft"] = "99.0"
+    assert rk.run_name(newer) == rk.run_name(ident)
     # a zero-shot row does not depend on training arguments, so it is not rerun when only those change
-    zs = rk.run_identity("zs", "bm25", base, "m", "sha")
-    assert rk.run_identity("zs", "bm25", rk.parse_args(["--lr", "2e-3", "--rank", "4"]), "m", "sha") == zs
+    assert _identity("zs", argv=["--lr", "2e-3", "--rank", "4"]) == _identity("zs")
+    # where results go and what else runs are not part of a result
+    assert _identity(argv=["--output-dir", "x", "--threads", "2", "--tests", "oracle"]) == ident
 
 
 # ---- the pipeline on a tiny random Llama ------------------------------------------------------------------------
@@ -160,7 +173,7 @@ def _argv(data_dir, model_dir, out, *extra) -> list[str]:
             "--max-length", "768", "--grad-accum", "4", "--threads", "1", "--bootstrap", "50", *extra]
 
 
-def test_every_setting_trains_evaluates_and_writes_a_result(small_data, tiny_llama_dir, tmp_path):  # noqa: F811
+def test_every_setting_trains_evaluates_and_writes_a_result(small_data, tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "results"
     results = rk.main(_argv(small_data, tiny_llama_dir, out, "--p-keep-gold", "0.5"))
     got = {(r["training"], r["test"]): r for r in results}
@@ -202,9 +215,23 @@ def test_every_setting_trains_evaluates_and_writes_a_result(small_data, tiny_lla
                           "--trainings", "zs,sft_closed"))
     assert [r["training"] for r in rerun] == ["sft_closed"]
     assert len(list(out.glob("*.json"))) == len(got) + 1  # a new file, the old result kept
+    # a truncated result is reported by name and rerun (the table leaves it out instead of failing)
+    zs_argv = _argv(small_data, tiny_llama_dir, out, "--trainings", "zs", "--tests", "closed_book")
+    stored = [p for p in out.glob("zs@closed_book__*.json")]
+    assert len(stored) == 1
+    stored[0].write_text(stored[0].read_text()[:50])
+    capsys.readouterr()
+    assert [(r["training"], r["test"]) for r in rk.main(zs_argv)] == [("zs", "closed_book")]
+    assert f"corrupt result file {stored[0]}" in capsys.readouterr().err
+    assert RunStore(out).get(stored[0].stem)["accuracy"] == got["zs", "closed_book"]["accuracy"]
+    # a stored result of other data or code (same settings, so the same file name) is rerun, not reused
+    other = RunStore(out).get(stored[0].stem)
+    other["run_identity"]["hash"] = "made-with-other-data"
+    RunStore(out).save(stored[0].stem, other, other["run_identity"])
+    assert len(rk.main(zs_argv)) == 1 and rk.main(zs_argv) == []
 
 
-def test_rationale_first_format_with_lora(small_data, tiny_llama_dir, tmp_path):  # noqa: F811
+def test_rationale_first_format_with_lora(small_data, tiny_llama_dir, tmp_path):
     results = rk.main(_argv(small_data, tiny_llama_dir, tmp_path, "--method", "lora", "--trainings", "zs,rare",
                             "--tests", "bm25,bm25_edited", "--response-format", "rationale-answer",
                             "--rationale-tokens", "6", "--eval-batch-size", "3"))
@@ -219,17 +246,16 @@ def test_rationale_first_format_with_lora(small_data, tiny_llama_dir, tmp_path):
     assert rk.response_text("yes", "R.", "rationale-answer") == "R.\n<answer>yes</answer>"
 
 
-def test_table_only_writes_the_table(tmp_path):
-    result = {"training": "rare", "test": "bm25", "identity": {}, "method_label": "ssmlora",
+def test_table_only_writes_the_table(tmp_path, capsys):
+    result = {"training": "rare", "test": "bm25", "method_label": "ssmlora",
               "response_format": "answer-rationale", "config_label": "k4", "test_examples": 10,
               "accuracy_ci95": [0.4, 0.9], "yes_no_auc": 0.7, "yes_no_auc_ci95": [0.5, 0.9],
               "gold_all_shown": 0.5, "gold_any_shown": 1.0, "predictions": {"yes": 5, "no": 5}, "eval_seconds": 1}
     for s, acc in ((0, 0.6), (1, 0.8)):
-        rk.save_result(tmp_path / f"r{s}.json", {**result, "seed": s, "accuracy": acc})
-    (tmp_path / "broken.json").write_text("{")  # reported and skipped, not fatal
-    assert (tmp_path / "r0.json").stat().st_mode & 0o777 == (tmp_path / "broken.json").stat().st_mode & 0o777
-    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temp file
+        RunStore(tmp_path).save(f"r{s}", {**result, "seed": s, "accuracy": acc}, {"hash": str(s), "config": {}})
+    (tmp_path / "broken.json").write_text("{")  # reported by name and skipped, not fatal
     assert rk.main(["--table-only", "--output-dir", str(tmp_path)]) == []
+    assert f"corrupt result file {tmp_path / 'broken.json'}" in capsys.readouterr().err
     table = (tmp_path / "table.md").read_text()
     assert "| rare | bm25 | ssmlora | answer-rationale | k4 | 2 | 70.0 ± 14.1 | 0.70 ± 0.00 | – |" in table
 
@@ -246,7 +272,7 @@ def test_bad_recipe_is_a_clear_error(argv, message, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--k", "1"], ["--trainings", "rare,bogus"], ["--tests", "edited"],
-                                  ["--max-test", "0"]])
+                                  ["--max-test", "0"], ["--max-train", "0"], ["--lr", "0"], ["--p-keep-gold", "1.5"]])
 def test_bad_arguments_are_rejected(argv):
     with pytest.raises(SystemExit):
         rk.parse_args(argv)

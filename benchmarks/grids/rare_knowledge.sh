@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The full grid of the knowledge benchmark (issue 13), benchmarks/rare_knowledge.py: offline SmolLM2-135M-Instruct,
-# r 8, alpha 16, lr 1e-3, one epoch, batch 1 x 8 accumulation, BM25 k = 4, every training setting
-# (zs, sft_closed, rare, rare_raft) x every test condition (closed_book, bm25, oracle, bm25_edited, oracle_edited)
-# x {ssmlora, lora} x 3 seeds (the seed sets the generated data and the adapter init), then the rationale-first
-# response order for the trained RARE and SFT models at a smaller test set (it generates up to 48 tokens a question).
-# Seeds outermost, so an interrupted grid has whole seeds; finished runs are skipped on a rerun (a result is reused
-# only when its identity -- every result-changing argument, the model and the data's sha256 -- is identical).
+# The full grid of the knowledge benchmark (issue 13), python -m benchmarks.rare_knowledge: offline
+# SmolLM2-135M-Instruct, r 8, alpha 16, lr 1e-3, one epoch, batch 1 x 8 accumulation, BM25 k = 4, every training
+# setting (zs, sft_closed, rare, rare_raft) x every test condition (closed_book, bm25, oracle, bm25_edited,
+# oracle_edited) x {ssmlora, lora} x 3 seeds (the seed sets the generated data and the adapter init), then the
+# rationale-first response order for the trained RARE and SFT models at a smaller test set (it generates up to 48
+# tokens a question).
+# Seeds outermost, so an interrupted grid has whole seeds; finished runs are skipped on a rerun (the run store of
+# benchmarks/common.py reuses a result only when its identity -- every result-changing argument, the model, the
+# data's sha256, the package versions and the git commit -- is identical).
 # From the repo root:
 #   nohup bash benchmarks/grids/rare_knowledge.sh > /tmp/rare_knowledge_grid.log 2>&1 &
-#   python benchmarks/rare_knowledge.py --table-only --output-dir benchmarks/results/rare_knowledge/cpu/grid
+#   python -m benchmarks.rare_knowledge --table-only --output-dir benchmarks/results/rare_knowledge/cpu/grid
 #
 # Cost (measured on the shared 2-core CPU of this project, load average ~8-9 from other jobs, 2 threads): RARE
 # prompts are ~237 tokens per training example and train at ~8 s/example, scored evaluation takes ~1.4 s/question.
@@ -26,12 +28,12 @@ COMMON=(--k 4 --rank 8 --alpha 16 --lr 1e-3 --epochs 1 --batch-size 1 --grad-acc
 for seed in ${SEEDS:-0 1 2}; do
   for method in ssmlora lora; do
     # answer first (scored in one forward pass); the edit rows are the *_edited test conditions
-    python benchmarks/rare_knowledge.py "${COMMON[@]}" --seed "$seed" --method "$method" \
+    python -m benchmarks.rare_knowledge "${COMMON[@]}" --seed "$seed" --method "$method" \
       --trainings zs,sft_closed,rare,rare_raft --tests closed_book,bm25,oracle,bm25_edited,oracle_edited
     # RARE's own order: the model writes its rationale greedily, then yes / no is scored after <answer>
-    python benchmarks/rare_knowledge.py "${COMMON[@]}" --seed "$seed" --method "$method" \
+    python -m benchmarks.rare_knowledge "${COMMON[@]}" --seed "$seed" --method "$method" \
       --response-format rationale-answer --rationale-tokens 48 --max-test "${RATIONALE_TEST_N:-100}" \
       --trainings zs,sft_closed,rare --tests bm25,bm25_edited
   done
 done
-python benchmarks/rare_knowledge.py --table-only --output-dir "$OUT"
+python -m benchmarks.rare_knowledge --table-only --output-dir "$OUT"
