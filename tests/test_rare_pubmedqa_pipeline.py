@@ -1,11 +1,11 @@
 """The RARE-on-PubMedQA runner `benchmarks/rare_pubmedqa.py`, end to end on a tiny randomly initialised Llama.
 
 A handful of PubMedQA-like questions are written in the format of `ori_pqal.json` / `test_ground_truth.json` into
-a temporary folder, and a 2-layer Llama with a tiny BPE tokenizer (Llama-3 chat template) is saved beside them, so
-the runner goes through its real command line: loading, BM25 over the passages, Trainer + RAREDataCollator for
-every trained setting, scored and generated evaluation, one JSON per run and the table. The other tests check the
-prompts and loss masks each setting builds, the RAFT passages and the answer scorer against a brute-force
-log-likelihood.
+a temporary folder, and a 2-layer Llama with a tiny BPE tokenizer (Llama-3 chat template; conftest's
+`tiny_llama_dir`) is loaded from its own folder, so the runner goes through its real command line: loading, BM25
+over the passages, Trainer + RAREDataCollator for every trained setting, scored and generated evaluation, one JSON
+per run and the table. The other tests check the prompts and loss masks each setting builds, the RAFT passages and
+the answer scorer against a brute-force log-likelihood.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 from test_rare_fixtures import make_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import benchmarks.rare_pubmedqa as rp
 from rare_data import BM25Retriever, load_pubmedqa
@@ -52,21 +51,6 @@ def pubmedqa_dir(tmp_path_factory) -> Path:
     raw = {pmid: _record(*spec) for pmid, spec in TOPICS.items()}
     (folder / "ori_pqal.json").write_text(json.dumps(raw))
     (folder / "test_ground_truth.json").write_text(json.dumps({pmid: TOPICS[pmid][2] for pmid in TEST_IDS}))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    """A 2-layer Llama (hidden 64) with the tiny BPE chat tokenizer, saved so `from_pretrained` loads it."""
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    tokenizer = make_tokenizer()
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
 
