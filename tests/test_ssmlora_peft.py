@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,12 +66,13 @@ def test_loading_without_the_plugin_says_to_import_it(tmp_path):
     model = get_peft_model(tiny_bert(), SSMLoRAConfig(r=4, task_type="SEQ_CLS"))
     model.save_pretrained(tmp_path)
     script = (
-        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from tiny_models import tiny_bert\n"
         "from peft import PeftModel\n"
         f"PeftModel.from_pretrained(tiny_bert(), {str(tmp_path)!r})\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode != 0
     assert "import peft_ssmlora" in result.stderr
 

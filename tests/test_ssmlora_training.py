@@ -165,8 +165,7 @@ def test_training_stays_finite_right_after_the_first_updates(tmp_path):
 
 
 DDP_SCRIPT = r"""
-import json, os, sys
-sys.path.insert(0, {tests!r})
+import json, os
 import torch
 from peft import get_peft_model
 from test_ssmlora_training import SequentialTrainer, classification_data, step_losses, training_args
@@ -200,8 +199,10 @@ def free_port() -> int:
 
 def test_ddp_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     script = tmp_path / "train.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(TESTS), out=str(tmp_path / "run")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    script.write_text(DDP_SCRIPT.format(out=str(tmp_path / "run")))
+    # PYTHONPATH: the script imports this module and tiny_models from the tests folder
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
     single = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
