@@ -432,7 +432,9 @@ def _fmt(values: list[float]) -> str:
 
 
 def _method_label(cfg: dict) -> str:
-    return f"{cfg['method']} r={cfg['rank']}" if cfg["method"] in ADAPTER_METHODS else cfg["method"]
+    label = f"{cfg['method']} r={cfg['rank']}" if cfg["method"] in ADAPTER_METHODS else cfg["method"]
+    # learning-rate selection runs: one row per rate tried
+    return label + f" lr={cfg['lr']:g}" if cfg.get("holdout_fraction") is not None else label
 
 
 def build_table(runs: list[dict]) -> str:
@@ -515,7 +517,8 @@ def build_paired_differences(runs: list[dict], reference: str = "ssmlora", n_boo
              f"bootstrap 95 % interval over dev examples, {n_boot} resamples):", "",
              "| task | vs method | per-seed differences | mean [95 % CI] |", "|---|---|---|---|"]
     by_key = {(r["config"]["task"], r["config"]["method"], r["config"]["seed"]): r for r in runs
-              if len(r.get("dev_predictions", {})) == 1}  # one dev set (MNLI's two are left out)
+              # one dev set (MNLI's two are left out); selection runs (several rates per method) are no pairs
+              if len(r.get("dev_predictions", {})) == 1 and r["config"].get("holdout_fraction") is None}
     for t in [t for t in TASKS if any(k[0] == t for k in by_key)]:
         task = TASKS[t]
         for other in ADAPTER_METHODS:
