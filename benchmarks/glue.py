@@ -204,7 +204,7 @@ def run_config(args: argparse.Namespace, method: str, seed: int) -> dict:
         "batch_size": args.batch_size, "max_length": args.max_length,
         "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples,
     }
-    if args.holdout_fraction is not None:  # only then, so that the JSONs of earlier grids still match on resume
+    if args.holdout_fraction is not None:  # only then: a dev-set run keeps the config keys of the earlier grids
         cfg["holdout_fraction"] = args.holdout_fraction
     if method in ADAPTER_METHODS:
         rank, alpha = method_rank_alpha(args, method)
