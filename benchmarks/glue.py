@@ -527,14 +527,13 @@ def build_paired_differences(runs: list[dict], reference: str = "ssmlora", n_boo
             seeds = sorted(s for (tt, m, s) in by_key if tt == t and m == reference and (t, other, s) in by_key)
             if not seeds:
                 continue
-            pairs = []
+            pairs, diffs = [], []
             for seed in seeds:
                 a, b = by_key[(t, reference, seed)], by_key[(t, other, seed)]
                 (labels,) = a["dev_labels"].values()
                 (pa,), (pb,) = a["dev_predictions"].values(), b["dev_predictions"].values()
                 pairs.append((np.asarray(pa), np.asarray(pb), np.asarray(labels)))
-            diffs = [a["score"] - b["score"] for a, b in
-                     ((by_key[(t, reference, s)], by_key[(t, other, s)]) for s in seeds)]
+                diffs.append(a["score"] - b["score"])
             n = len(pairs[0][2])
             weights = rng.multinomial(n, np.full(n, 1 / n), size=n_boot)  # the same resamples for every seed
             boot = np.mean([_resampled_scores(task, pa, y, weights) - _resampled_scores(task, pb, y, weights)
