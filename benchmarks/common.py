@@ -24,8 +24,9 @@ Host and tables
 
 Run store (resume only what is identical)
     identity = `run_identity(arguments, model=..., data_files=[...])`: a sha256 of the whole resolved config,
-    i.e. every argument, the model id, size + sha256 of every data file read, the package versions and the git
-    commit. `store = RunStore(folder)`; `store.needs_run(name, identity)` is False only when `<name>.json` holds
+    i.e. every argument, the model id, size + sha256 of every data file read, the package versions and a
+    sha256 of the code (`code_fingerprint()`: the .py files under src/, kernels/, benchmarks/; not the git commit,
+    so committing results does not make them stale). `store = RunStore(folder)`; `store.needs_run(name, identity)` is False only when `<name>.json` holds
     a result with the same identity (it says why otherwise: missing, changed keys, written before identities,
     corrupt); `store.save(name, result, identity)` writes atomically; `store.get(name)` reads one result;
     `store.load()` returns every readable
@@ -48,7 +49,6 @@ import os
 import platform
 import re
 import site
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
@@ -348,15 +348,23 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+# The code whose behaviour a stored result depends on. Hashing its files instead of naming the git commit lets a
+# grid resume across sessions: committing finished results (or editing the tests or docs) changes the commit but
+# not one byte of the code that produced them.
+CODE_FOLDERS = ("src", "kernels", "benchmarks")
+
+
 @functools.lru_cache(maxsize=1)
-def git_commit() -> str | None:
-    """The repository's HEAD commit (None outside a git checkout, e.g. an installed copy)."""
-    try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+def code_fingerprint() -> str:
+    """sha256 of every Python file under src/, kernels/ and benchmarks/ (paths and contents, results excluded)."""
+    digest = hashlib.sha256()
+    for folder in CODE_FOLDERS:
+        for path in sorted((REPO_ROOT / folder).rglob("*.py")):
+            relative = path.relative_to(REPO_ROOT)
+            if "results" in relative.parts or "__pycache__" in relative.parts:
+                continue
+            digest.update(str(relative.as_posix()).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def _canonical(value: Any) -> Any:
@@ -380,7 +388,7 @@ def run_identity(arguments: dict[str, Any], *, model: str | None = None,
         "model": model,
         "data": [file_fingerprint(f) for f in sorted({str(f) for f in data_files})],
         "versions": package_versions(),
-        "git_commit": git_commit(),
+        "code": code_fingerprint(),
     }
     blob = json.dumps(config, sort_keys=True, separators=(",", ":"))
     return {"hash": hashlib.sha256(blob.encode()).hexdigest(), "config": config}

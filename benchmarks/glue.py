@@ -8,7 +8,7 @@ Examples (offline, with GLUE's TSV files)::
 
 Each finished run writes one JSON file into `--output-dir` (named after task, method, rank and seed) through the
 run store of `benchmarks.common`: a run is skipped only when its stored JSON has the same identity (the run's whole
-config, the model, the contents of the TSV files it read, package versions and git commit), so an interrupted
+config, the model, the contents of the TSV files it read, package versions and a hash of the code), so an interrupted
 sweep resumes where it stopped and a changed option or data file is rerun, never answered with an old result.
 After every run the markdown table (`table.md`, mean ± std over seeds) and the plot (`plot.png`, score vs trainable
 parameters) are rebuilt from all JSON files in the folder (an unreadable one is reported by name and rerun).

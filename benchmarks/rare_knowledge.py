@@ -48,7 +48,7 @@ Without ``--data-dir`` the data is generated in memory from ``--seed`` (the same
 the seed sets data and adapter init together. Each (training setting, test condition) is one JSON in the run store
 of ``benchmarks.common`` (default folder ``benchmarks/results/rare_knowledge/<device>``). Its identity holds every
 argument that changes the result (a zero-shot row leaves out the training arguments, a non-RAFT row the RAFT ones),
-the model, the sha256 of the data (read or generated), the package versions and the git commit; a stored result is
+the model, the sha256 of the data (read or generated), the package versions and a hash of the code; a stored result is
 reused only when the identity is identical, so a rerun with other settings, data or code never picks up a stale
 result. The file is named by setting, method, format, seed and a short hash of the arguments and model, so results
 of other settings stay beside each other in the table, while a result of older code or data is rerun in place. An
@@ -390,7 +390,7 @@ RAFT_ONLY = ("p_keep_gold", "distractor_pool")
 def identity_of(training: str, test: str, args, data_sha256: str) -> dict:
     """The run store's identity of one (training setting, test condition): the result-changing arguments (a
     zero-shot row leaves out the training ones, so it is not rerun when only those change), the data's sha256, the
-    model, package versions and git commit."""
+    model, package versions and a hash of the code."""
     exclude = [*NOT_IDENTITY, *(TRAINING_ONLY if TRAININGS[training] is None else ()),
                *(RAFT_ONLY if TRAININGS[training] != "raft" else ())]
     arguments = {**arguments_of(args, exclude), "training": training, "test": test, "data_sha256": data_sha256}

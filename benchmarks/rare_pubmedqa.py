@@ -32,7 +32,7 @@ Examples::
 
 Each setting's run writes one JSON into ``--output-dir`` (default ``benchmarks/results/rare_pubmedqa/<device>``)
 through the run store of ``benchmarks.common``: a rerun skips a setting only when its stored run has the same
-identity (every argument, the model, the data files' contents, package versions, git commit), so an interrupted
+identity (every argument, the model, the data files' contents, package versions, a hash of the code), so an interrupted
 grid resumes and a changed option is never answered with an old result. ``table.md`` is rebuilt from all JSON
 files after every run; an unreadable JSON is reported by name and rerun.
 """

@@ -8,6 +8,7 @@ import os
 import pytest
 from tiny_models import tiny_bert
 
+from benchmarks import common
 from benchmarks.common import (
     IDENTITY_KEY,
     RunStore,
@@ -36,8 +37,29 @@ def test_identity_changes_with_arguments_data_and_model_only(data_file):
     changed = run_identity({"k": 3, "lr": 1e-3}, model="m", data_files=[data_file])
     assert changed["hash"] != base["hash"]
     assert changed["config"]["data"][0]["size"] == base["config"]["data"][0]["size"]
-    assert set(base["config"]) == {"arguments", "model", "data", "versions", "git_commit"}
+    assert set(base["config"]) == {"arguments", "model", "data", "versions", "code"}
     assert "torch" in base["config"]["versions"]
+
+
+def test_code_fingerprint_follows_code_not_results(tmp_path, monkeypatch):
+    """A grid resumes across commits of results, and reruns when the code that produced them changes."""
+    (tmp_path / "src" / "pkg").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "src" / "pkg" / "layer.py").write_text("SCALE = 1\n")
+    monkeypatch.setattr(common, "REPO_ROOT", tmp_path)
+
+    def fingerprint():
+        common.code_fingerprint.cache_clear()
+        return common.code_fingerprint()
+
+    base = fingerprint()
+    (tmp_path / "benchmarks" / "results" / "run.json").write_text("{}")
+    (tmp_path / "benchmarks" / "results" / "plot.py").write_text("# a script stored beside results\n")
+    (tmp_path / "README.md").write_text("docs")
+    assert fingerprint() == base
+    (tmp_path / "src" / "pkg" / "layer.py").write_text("SCALE = 2\n")
+    assert fingerprint() != base
+    common.code_fingerprint.cache_clear()
 
 
 def test_store_resumes_only_identical_runs(tmp_path, data_file, capsys):
