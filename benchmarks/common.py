@@ -25,8 +25,8 @@ Host and tables
 Run store (resume only what is identical)
     identity = `run_identity(arguments, model=..., data_files=[...])`: a sha256 of the whole resolved config,
     i.e. every argument, the model id, size + sha256 of every data file read, the package versions and a
-    sha256 of the code (`code_fingerprint()`: the .py files under src/, kernels/, benchmarks/; not the git commit,
-    so committing results does not make them stale). `store = RunStore(folder)`; `store.needs_run(name, identity)` is False only when `<name>.json` holds
+    sha256 of the code (`code_fingerprint(code)`: the .py files under src/, kernels/, benchmarks/, or the paths a
+    runner names in `code=`; not the git commit, so committing results does not make them stale). `store = RunStore(folder)`; `store.needs_run(name, identity)` is False only when `<name>.json` holds
     a result with the same identity (it says why otherwise: missing, changed keys, written before identities,
     corrupt); `store.save(name, result, identity)` writes atomically; `store.get(name)` reads one result;
     `store.load()` returns every readable
@@ -349,21 +349,24 @@ def package_versions() -> dict[str, str]:
 
 
 # The code whose behaviour a stored result depends on. Hashing its files instead of naming the git commit lets a
-# grid resume across sessions: committing finished results (or editing the tests or docs) changes the commit but
-# not one byte of the code that produced them.
-CODE_FOLDERS = ("src", "kernels", "benchmarks")
+# grid resume across sessions: committing finished results (or editing tests, docs or another runner) changes the
+# commit but not one byte of the code that produced them. A runner narrows it to the code it runs (`code=`).
+CODE_PATHS = ("src", "kernels", "benchmarks")
 
 
-@functools.lru_cache(maxsize=1)
-def code_fingerprint() -> str:
-    """sha256 of every Python file under src/, kernels/ and benchmarks/ (paths and contents, results excluded)."""
+@functools.cache
+def code_fingerprint(paths: tuple[str, ...] = CODE_PATHS) -> str:
+    """sha256 of the Python files at `paths` (repo-relative files or folders; paths and contents, results excluded)."""
     digest = hashlib.sha256()
-    for folder in CODE_FOLDERS:
-        for path in sorted((REPO_ROOT / folder).rglob("*.py")):
+    for entry in paths:
+        root = REPO_ROOT / entry
+        if not root.exists():
+            raise FileNotFoundError(f"code path {entry!r} is not in {REPO_ROOT}: fix the runner's code= list")
+        for path in sorted([root] if root.is_file() else root.rglob("*.py")):
             relative = path.relative_to(REPO_ROOT)
             if "results" in relative.parts or "__pycache__" in relative.parts:
                 continue
-            digest.update(str(relative.as_posix()).encode() + b"\0" + path.read_bytes() + b"\0")
+            digest.update(relative.as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
@@ -381,14 +384,14 @@ def _canonical(value: Any) -> Any:
 
 
 def run_identity(arguments: dict[str, Any], *, model: str | None = None,
-                 data_files: Iterable[str | Path] = ()) -> dict[str, Any]:
+                 data_files: Iterable[str | Path] = (), code: tuple[str, ...] = CODE_PATHS) -> dict[str, Any]:
     """`{"hash", "config"}`: the sha256 of the run's whole resolved config (see the module docstring)."""
     config = {
         "arguments": _canonical(arguments),
         "model": model,
         "data": [file_fingerprint(f) for f in sorted({str(f) for f in data_files})],
         "versions": package_versions(),
-        "code": code_fingerprint(),
+        "code": {"paths": list(code), "sha256": code_fingerprint(tuple(code))},
     }
     blob = json.dumps(config, sort_keys=True, separators=(",", ":"))
     return {"hash": hashlib.sha256(blob.encode()).hexdigest(), "config": config}

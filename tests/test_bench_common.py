@@ -45,6 +45,7 @@ def test_code_fingerprint_follows_code_not_results(tmp_path, monkeypatch):
     """A grid resumes across commits of results, and reruns when the code that produced them changes."""
     (tmp_path / "src" / "pkg").mkdir(parents=True)
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "kernels").mkdir()
     (tmp_path / "src" / "pkg" / "layer.py").write_text("SCALE = 1\n")
     monkeypatch.setattr(common, "REPO_ROOT", tmp_path)
 
@@ -59,6 +60,15 @@ def test_code_fingerprint_follows_code_not_results(tmp_path, monkeypatch):
     assert fingerprint() == base
     (tmp_path / "src" / "pkg" / "layer.py").write_text("SCALE = 2\n")
     assert fingerprint() != base
+    common.code_fingerprint.cache_clear()
+    # a runner that names its own code ignores changes elsewhere, and a wrong name is an error, not an empty hash
+    (tmp_path / "src" / "other").mkdir()
+    only_pkg = common.code_fingerprint(("src/pkg",))
+    (tmp_path / "src" / "other" / "tool.py").write_text("X = 1\n")
+    common.code_fingerprint.cache_clear()
+    assert common.code_fingerprint(("src/pkg",)) == only_pkg
+    with pytest.raises(FileNotFoundError, match="src/pgk"):
+        common.code_fingerprint(("src/pgk",))
     common.code_fingerprint.cache_clear()
 
 

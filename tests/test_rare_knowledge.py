@@ -150,7 +150,7 @@ def test_run_identity_covers_what_changes_a_result():
     assert _identity(training="rare_raft", argv=["--p-keep-gold", "0.5"])["hash"] != raft["hash"]
     assert _identity(argv=["--p-keep-gold", "0.5"]) == ident  # RAFT's options do not change a plain RARE row
     # code or package versions: the same file name (rerun in place), another identity (never reused)
-    assert ident["config"]["versions"]["peft"] and len(ident["config"]["code"]) == 64
+    assert ident["config"]["versions"]["peft"] and len(ident["config"]["code"]["sha256"]) == 64
     newer = copy.deepcopy(ident)
     newer["config"]["versions"]["peft"] = "99.0"
     assert rk.run_name(newer) == rk.run_name(ident)
