@@ -26,7 +26,10 @@ import json
 import re
 import sys
 import tempfile
+from collections import defaultdict
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks import rare_knowledge_data as rkd
 from benchmarks.common import markdown_table, write_text_atomic
@@ -98,6 +101,26 @@ def percent(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}" if whole else "–"
 
 
+def paired_rare_minus_sft(results: list[dict], resamples: int = 10_000) -> list[list[str]]:
+    """RARE minus closed-book SFT accuracy on the same questions, per (test, method, seed), with a bootstrap 95 %
+    interval over questions (seeded, so the table is reproducible)."""
+    correct = defaultdict(dict)
+    for r in results:
+        correct[(r["test"], r["method_label"], r["seed"])][r["training"]] = {
+            q["id"]: float(q["pred"] == q["gold"]) for q in r["per_question"]}
+    rows = []
+    for (test, method, seed), by_training in sorted(correct.items()):
+        if not {"rare", "sft_closed"} <= set(by_training):
+            continue
+        ids = sorted(by_training["rare"].keys() & by_training["sft_closed"].keys())
+        diff = np.array([by_training["rare"][i] - by_training["sft_closed"][i] for i in ids])
+        means = diff[np.random.default_rng(0).integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
+        low, high = np.percentile(means, [2.5, 97.5])
+        rows.append([test, method, str(seed), str(len(ids)),
+                     f"{100 * diff.mean():+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"])
+    return rows
+
+
 def table(folder: Path) -> str:
     results = []
     for path in sorted(folder.glob("*.json")):
@@ -115,8 +138,14 @@ def table(folder: Path) -> str:
                      percent(c["both"], c["n"]), f"{percent(c['both_on_no'], c['no'])} (of {c['no']})",
                      f"{percent(c['follows'], c['stated'])} (of {c['stated']})",
                      f"{percent(c['both_correct'], c['both'])} (of {c['both']})"])
-    return ("Facts in the rationales of rationale-first runs (%), checked against the generated world "
+    text = ("Facts in the rationales of rationale-first runs (%), checked against the generated world "
             "(`python -m benchmarks.rare_rationales`):\n\n" + markdown_table(HEADER, rows) + "\n")
+    paired = paired_rare_minus_sft(results)
+    if paired:
+        text += ("\nAccuracy of RARE minus closed-book SFT on the same questions (points; bootstrap 95 % interval "
+                 "over questions, 10,000 resamples):\n\n"
+                 + markdown_table(["test", "method", "seed", "n", "RARE minus SFT"], paired) + "\n")
+    return text
 
 
 def main(argv=None) -> str:

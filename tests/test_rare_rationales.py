@@ -17,11 +17,11 @@ def world(tmp_path_factory):
     return rkd.load_data(folder), rkd.data_fingerprint(folder)
 
 
-def _result(folder, name, test, per_question, sha256):
+def _result(folder, name, test, per_question, sha256, training="rare"):
     recipe = rkd.Recipe()
     config = {"data_dir": None, "train_drugs": recipe.train_drugs, "test_drugs": recipe.test_drugs,
               "drugs_per_target": recipe.drugs_per_target, "edit_fraction": recipe.edit_fraction}
-    result = {"training": "rare", "test": test, "method_label": "ssmlora", "seed": 0, "config": config,
+    result = {"training": training, "test": test, "method_label": "ssmlora", "seed": 0, "config": config,
               "response_format": "rationale-answer", "data_sha256": sha256, "per_question": per_question}
     (folder / f"{name}.json").write_text(json.dumps(result))
 
@@ -48,6 +48,14 @@ def test_facts_are_checked_per_hop(world, tmp_path):
     assert "| rare | bm25 | ssmlora | 0 | 4 | 50.0 | 75.0 | 50.0 | 50.0 | 50.0 (of 2) | 100.0 (of 3) | 100.0 (of 2) |" \
         in text
     assert (tmp_path / "rationale_facts.md").read_text() == text
+    assert "RARE minus SFT" not in text  # no SFT run beside it: nothing to pair
+
+    # an SFT run on the same questions, right on one of the four where RARE was right on two: +25 points
+    sft_rows = [dict(row, pred=("yes" if row["gold"] == "no" else "no")) for row in rows]
+    sft_rows[0]["pred"] = sft_rows[0]["gold"]
+    _result(tmp_path, "sft-bm25", "bm25", sft_rows, sha256, training="sft_closed")
+    paired = [line for line in rr.main([str(tmp_path)]).splitlines() if line.startswith("| bm25 |")]
+    assert len(paired) == 1 and paired[0].startswith("| bm25 | ssmlora | 0 | 4 | +25.0 [")
 
 
 def test_edited_tests_are_checked_against_the_edited_world(world):
