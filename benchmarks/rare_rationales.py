@@ -14,7 +14,8 @@ reads each stored rationale and checks, against the generated world (the edited 
   fills the "yes" template ("<drug> inhibits T, and T drives <disease>") gets one of them wrong.
 
 A fact stated in other words than the template's counts as not stated right. The data is regenerated from each
-result's recorded seed and recipe (or read from its ``data_dir``) and must match the result's data sha256.
+result's recorded arguments by the runner's own loader (seed and recipe, or its ``data_dir``) and must match the
+result's data sha256.
 
     python -m benchmarks.rare_rationales benchmarks/results/rare_knowledge/cpu/grid
 """
@@ -25,13 +26,12 @@ import argparse
 import json
 import re
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks import rare_knowledge_data as rkd
+from benchmarks import rare_knowledge as rk
 from benchmarks.common import markdown_table, write_text_atomic
 
 HEADER = ["training", "test", "method", "seed", "n", "accuracy", "target right", "driver right", "both right",
@@ -39,20 +39,13 @@ HEADER = ["training", "test", "method", "seed", "n", "accuracy", "target right",
 
 
 def world_of(result: dict, cache: dict) -> dict[str, list[dict]]:
-    """The data a result was scored on, checked against its recorded sha256."""
+    """The data a result was scored on, made by the runner's own loader from the run's stored arguments, and
+    checked against its recorded sha256."""
     config = result["config"]
-    key = (config.get("data_dir"), result["seed"], config["train_drugs"], config["test_drugs"],
+    key = (config.get("data_dir"), config["seed"], config["train_drugs"], config["test_drugs"],
            config["drugs_per_target"], config["edit_fraction"])
     if key not in cache:
-        if config.get("data_dir"):
-            folder = Path(config["data_dir"])
-            cache[key] = (rkd.load_data(folder), rkd.data_fingerprint(folder))
-        else:
-            recipe = rkd.Recipe(train_drugs=config["train_drugs"], test_drugs=config["test_drugs"],
-                                drugs_per_target=config["drugs_per_target"], edit_fraction=config["edit_fraction"])
-            with tempfile.TemporaryDirectory() as tmp:
-                rkd.write_data(tmp, result["seed"], recipe)
-                cache[key] = (rkd.load_data(tmp), rkd.data_fingerprint(tmp))
+        cache[key] = rk.load_or_generate(argparse.Namespace(**config))
     data, sha256 = cache[key]
     if sha256 != result["data_sha256"]:
         raise SystemExit(f"{result['_file']}: the regenerated data does not match the result's data sha256 "

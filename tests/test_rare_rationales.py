@@ -19,7 +19,7 @@ def world(tmp_path_factory):
 
 def _result(folder, name, test, per_question, sha256, training="rare"):
     recipe = rkd.Recipe()
-    config = {"data_dir": None, "train_drugs": recipe.train_drugs, "test_drugs": recipe.test_drugs,
+    config = {"data_dir": None, "seed": 0, "train_drugs": recipe.train_drugs, "test_drugs": recipe.test_drugs,
               "drugs_per_target": recipe.drugs_per_target, "edit_fraction": recipe.edit_fraction}
     result = {"training": training, "test": test, "method_label": "ssmlora", "seed": 0, "config": config,
               "response_format": "rationale-answer", "data_sha256": sha256, "per_question": per_question}
