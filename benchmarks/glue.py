@@ -54,10 +54,11 @@ METHODS = ("ssmlora", "lora", "lora-sparse", "lora-half", "full", "bitfit")
 ADAPTER_METHODS = ("ssmlora", "lora", "lora-sparse", "lora-half")
 LORA_METHODS = ("lora", "lora-sparse", "lora-half")
 
-# Learning rate when --lr is not given. The adapters share one budget (5e-4: where LoRA learns on MiniLM, see
-# ../shared/docs/ssmlora-method.md); full fine-tuning diverges at that rate, so it gets the usual 2e-5.
 # The code a GLUE result depends on (its run identity hashes these files, see benchmarks.common.code_fingerprint).
 GLUE_CODE = ("src/peft_ssmlora", "kernels", "benchmarks/common.py", "benchmarks/glue.py", "benchmarks/glue_tasks.py")
+
+# Learning rate when --lr is not given. The adapters share one budget (5e-4: where LoRA learns on MiniLM, see
+# ../shared/docs/ssmlora-method.md); full fine-tuning diverges at that rate, so it gets the usual 2e-5.
 DEFAULT_LR = {"ssmlora": 5e-4, "lora": 5e-4, "lora-sparse": 5e-4, "lora-half": 5e-4, "full": 2e-5, "bitfit": 5e-4}
 
 # Presets fill in every option the user did not give on the command line.
@@ -234,7 +235,8 @@ def data_files(args: argparse.Namespace) -> list[Path]:
 
 def identity_of(args: argparse.Namespace, cfg: dict) -> dict:
     """A run's identity: its resolved config (`run_config`), where its data came from and what the data hold."""
-    return run_identity({**cfg, "data_dir": args.data_dir}, model=args.model, data_files=data_files(args), code=GLUE_CODE)
+    return run_identity({**cfg, "data_dir": args.data_dir}, model=args.model, data_files=data_files(args),
+                        code=GLUE_CODE)
 
 
 def method_lr(args: argparse.Namespace, method: str) -> float:
