@@ -8,6 +8,7 @@
 # Seeds outermost, so an interrupted grid has whole seeds; finished runs are skipped on a rerun (the run store of
 # benchmarks/common.py reuses a result only when its identity -- every result-changing argument, the model, the
 # data's sha256, the package versions and a hash of the code it runs -- is identical).
+# Knobs: SEEDS, METHODS (default "ssmlora lora"), EPOCHS, THREADS, OUT, ANSWER_FIRST=0 (rationale-first rows only).
 # From the repo root:
 #   nohup bash benchmarks/grids/rare_knowledge.sh > /tmp/rare_knowledge_grid.log 2>&1 &
 #   python -m benchmarks.rare_knowledge --table-only --output-dir benchmarks/results/rare_knowledge/cpu/grid
@@ -25,12 +26,13 @@ OUT=${OUT:-benchmarks/results/rare_knowledge/cpu/grid}
 COMMON=(--k 4 --rank 8 --alpha 16 --lr 1e-3 --epochs "${EPOCHS:-1}" --batch-size 1 --grad-accum 8 --max-train "$TRAIN_N"
         --threads "$THREADS" --output-dir "$OUT")
 for seed in ${SEEDS:-0 1 2}; do
-  for method in ssmlora lora; do
+  for method in ${METHODS:-ssmlora lora}; do
     # RARE's own order first (the informative one: benchmarks.rare_rationales checks the facts it writes): the
     # model writes its rationale greedily, then yes / no is scored after <answer>
     python -m benchmarks.rare_knowledge "${COMMON[@]}" --seed "$seed" --method "$method" \
       --response-format rationale-answer --rationale-tokens 48 --max-test "${RATIONALE_TEST_N:-100}" \
       --trainings zs,sft_closed,rare --tests bm25,bm25_edited
+    [ "${ANSWER_FIRST:-1}" = 1 ] || continue
     # answer first (scored in one forward pass); the edit rows are the *_edited test conditions
     python -m benchmarks.rare_knowledge "${COMMON[@]}" --seed "$seed" --method "$method" \
       --trainings zs,sft_closed,rare,rare_raft --tests closed_book,bm25,oracle,bm25_edited,oracle_edited
