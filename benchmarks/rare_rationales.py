@@ -94,22 +94,24 @@ def percent(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}" if whole else "–"
 
 
-def paired_rare_minus_sft(results: list[dict], resamples: int = 10_000) -> list[list[str]]:
-    """RARE minus closed-book SFT accuracy on the same questions, per (test, method, seed), with a bootstrap 95 %
-    interval over questions (seeded, so the table is reproducible)."""
+def paired_differences(results: list[dict], side: str, first: str, second: str, group: tuple[str, ...],
+                       resamples: int = 10_000) -> list[list[str]]:
+    """Accuracy of the results whose ``side`` field is ``first`` minus those where it is ``second``, on the same
+    questions, per value of the ``group`` fields, with a bootstrap 95 % interval over questions (seeded, so the
+    table is reproducible). E.g. side="training", first="rare", second="sft_closed", group=(test, method, seed)."""
     correct = defaultdict(dict)
     for r in results:
-        correct[(r["test"], r["method_label"], r["seed"])][r["training"]] = {
+        correct[tuple(r[field] for field in group)][r[side]] = {
             q["id"]: float(q["pred"] == q["gold"]) for q in r["per_question"]}
     rows = []
-    for (test, method, seed), by_training in sorted(correct.items()):
-        if not {"rare", "sft_closed"} <= set(by_training):
+    for key, by_side in sorted(correct.items()):
+        if not {first, second} <= set(by_side):
             continue
-        ids = sorted(by_training["rare"].keys() & by_training["sft_closed"].keys())
-        diff = np.array([by_training["rare"][i] - by_training["sft_closed"][i] for i in ids])
+        ids = sorted(by_side[first].keys() & by_side[second].keys())
+        diff = np.array([by_side[first][i] - by_side[second][i] for i in ids])
         means = diff[np.random.default_rng(0).integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
         low, high = np.percentile(means, [2.5, 97.5])
-        rows.append([test, method, str(seed), str(len(ids)),
+        rows.append([*map(str, key), str(len(ids)),
                      f"{100 * diff.mean():+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"])
     return rows
 
@@ -133,11 +135,18 @@ def table(folder: Path) -> str:
                      f"{percent(c['both_correct'], c['both'])} (of {c['both']})"])
     text = ("Facts in the rationales of rationale-first runs (%), checked against the generated world "
             "(`python -m benchmarks.rare_rationales`):\n\n" + markdown_table(HEADER, rows) + "\n")
-    paired = paired_rare_minus_sft(results)
-    if paired:
-        text += ("\nAccuracy of RARE minus closed-book SFT on the same questions (points; bootstrap 95 % interval "
-                 "over questions, 10,000 resamples):\n\n"
-                 + markdown_table(["test", "method", "seed", "n", "RARE minus SFT"], paired) + "\n")
+    comparisons = [  # (what is compared, column, the field that differs, first, second, the fields held equal)
+        ("RARE minus closed-book SFT", "RARE minus SFT", "training", "rare", "sft_closed",
+         ("test", "method_label", "seed")),
+        ("SSMLoRA minus peft LoRA", "SSMLoRA minus LoRA", "method_label", "ssmlora", "lora",
+         ("training", "test", "seed")),
+    ]
+    for title, column, side, first, second, group in comparisons:
+        paired = paired_differences(results, side, first, second, group)
+        if paired:
+            header = [*(field.removesuffix("_label") for field in group), "n", column]
+            text += (f"\nAccuracy of {title} on the same questions (points; bootstrap 95 % interval over questions, "
+                     "10,000 resamples):\n\n" + markdown_table(header, paired) + "\n")
     return text
 
 

@@ -17,11 +17,11 @@ def world(tmp_path_factory):
     return rkd.load_data(folder), rkd.data_fingerprint(folder)
 
 
-def _result(folder, name, test, per_question, sha256, training="rare"):
+def _result(folder, name, test, per_question, sha256, training="rare", method="ssmlora"):
     recipe = rkd.Recipe()
     config = {"data_dir": None, "seed": 0, "train_drugs": recipe.train_drugs, "test_drugs": recipe.test_drugs,
               "drugs_per_target": recipe.drugs_per_target, "edit_fraction": recipe.edit_fraction}
-    result = {"training": training, "test": test, "method_label": "ssmlora", "seed": 0, "config": config,
+    result = {"training": training, "test": test, "method_label": method, "seed": 0, "config": config,
               "response_format": "rationale-answer", "data_sha256": sha256, "per_question": per_question}
     (folder / f"{name}.json").write_text(json.dumps(result))
 
@@ -56,6 +56,14 @@ def test_facts_are_checked_per_hop(world, tmp_path):
     _result(tmp_path, "sft-bm25", "bm25", sft_rows, sha256, training="sft_closed")
     paired = [line for line in rr.main([str(tmp_path)]).splitlines() if line.startswith("| bm25 |")]
     assert len(paired) == 1 and paired[0].startswith("| bm25 | ssmlora | 0 | 4 | +25.0 [")
+    assert "SSMLoRA minus LoRA" not in rr.main([str(tmp_path)])
+
+    # a LoRA RARE run on the same questions, right on all four: SSMLoRA (two of four) is 50 points behind
+    lora_rows = [dict(row, pred=row["gold"]) for row in rows]
+    _result(tmp_path, "rare-bm25-lora", "bm25", lora_rows, sha256, method="lora")
+    text = rr.main([str(tmp_path)])
+    assert "| rare | bm25 | lora | 0 | 4 | 100.0 |" in text
+    assert "| rare | bm25 | 0 | 4 | -50.0 [" in text.split("SSMLoRA minus peft LoRA")[1]
 
 
 def test_edited_tests_are_checked_against_the_edited_world(world):
