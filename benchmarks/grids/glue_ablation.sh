@@ -16,11 +16,13 @@ TASK=${TASK:-sst2}
 # Defaults: the first SST-2 grid (6,000 train examples, one epoch, rates {1e-3, 2e-3}). The full protocol
 # is, per task (TRAIN_N = the full train set except SST-2; EPOCHS must let LoRA leave the majority class):
 #   TASK=sst2 TRAIN_N=20000 RATES="5e-4 1e-3 2e-3" OUT=benchmarks/results/glue/cpu/ablation-sst2-20k
-#   TASK=rte  TRAIN_N=2490 EPOCHS=... RATES="5e-4 1e-3 2e-3" SEL_N=2490   and likewise mrpc (3668), cola (8551)
+#   TASK=cola TRAIN_N=8551 SEL_N=4000 EPOCHS=3 RATES="5e-4 1e-3 2e-3" OUT=benchmarks/results/glue/cpu/ablation-cola
+#   TASK=rte  TRAIN_N=2490 EPOCHS=3 RATES="5e-4 1e-3 2e-3" SEL_N=2490   and likewise mrpc (3668)
 # Cost on this project's 2-core CPU, one thread per job (OMP_NUM_THREADS=1, two jobs side by side), train
 # examples/s measured with --throughput-steps (ssmlora / lora): SST-2 35 / 31 (27 inside the grid), CoLA 47 / 48,
-# MRPC 14 / 12, RTE 7.7 / 6.9. So one 3-epoch cell (4 methods x 3 seeds) takes ~1.8 h for CoLA, ~2.8 h for MRPC, ~3.4 h for RTE, and SST-2 at
-# 20,000 examples ~2.5 h, plus the rate selection; minutes per task on a GPU.
+# MRPC 14 / 12, RTE 7.7 / 6.9. So one 3-epoch cell (4 methods x 3 seeds) takes ~1.8 h for CoLA (measured: 1.7 h,
+# plus 21 min of rate selection), ~2.8 h for MRPC, ~3.4 h for RTE, and SST-2 at 20,000 examples ~2.5 h, plus the
+# rate selection; minutes per task on a GPU.
 TRAIN_N=${TRAIN_N:-6000}
 SEL_N=${SEL_N:-4000}
 EPOCHS=${EPOCHS:-1}
