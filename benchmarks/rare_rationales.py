@@ -13,6 +13,9 @@ reads each stored rationale and checks, against the generated world (the edited 
 - both facts right on the "no" questions only: there the two targets differ, so a model that reads one passage and
   fills the "yes" template ("<drug> inhibits T, and T drives <disease>") gets one of them wrong.
 
+Beside the fact table it pairs runs over the same questions: RARE minus closed-book SFT (same adapter and seed) and
+SSMLoRA minus peft LoRA (same training, test and seed), each with a bootstrap 95 % interval.
+
 A fact stated in other words than the template's counts as not stated right. The data is regenerated from each
 result's recorded arguments by the runner's own loader (seed and recipe, or its ``data_dir``) and must match the
 result's data sha256.
@@ -98,7 +101,7 @@ def paired_differences(results: list[dict], side: str, first: str, second: str, 
                        resamples: int = 10_000) -> list[list[str]]:
     """Accuracy of the results whose ``side`` field is ``first`` minus those where it is ``second``, on the same
     questions, per value of the ``group`` fields, with a bootstrap 95 % interval over questions (seeded, so the
-    table is reproducible). E.g. side="training", first="rare", second="sft_closed", group=(test, method, seed)."""
+    table is reproducible). E.g. side="training", first="rare", second="sft_closed", group=("test", "method_label", "seed")."""
     correct = defaultdict(dict)
     for r in results:
         correct[tuple(r[field] for field in group)][r[side]] = {
