@@ -100,8 +100,9 @@ def percent(part: int, whole: int) -> str:
 def paired_differences(results: list[dict], side: str, first: str, second: str, group: tuple[str, ...],
                        resamples: int = 10_000) -> list[list[str]]:
     """Accuracy of the results whose ``side`` field is ``first`` minus those where it is ``second``, on the same
-    questions, per value of the ``group`` fields, with a bootstrap 95 % interval over questions (seeded, so the
-    table is reproducible). E.g. side="training", first="rare", second="sft_closed", group=("test", "method_label", "seed")."""
+    questions, per value of the ``group`` fields, with the runner's bootstrap 95 % interval over questions (seeded,
+    so the table is reproducible). E.g. side="training", first="rare", second="sft_closed",
+    group=("test", "method_label", "seed")."""
     correct = defaultdict(dict)
     for r in results:
         correct[tuple(r[field] for field in group)][r[side]] = {
@@ -112,8 +113,7 @@ def paired_differences(results: list[dict], side: str, first: str, second: str, 
             continue
         ids = sorted(by_side[first].keys() & by_side[second].keys())
         diff = np.array([by_side[first][i] - by_side[second][i] for i in ids])
-        means = diff[np.random.default_rng(0).integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
-        low, high = np.percentile(means, [2.5, 97.5])
+        low, high = rk.bootstrap_ci(diff, lambda idx, diff=diff: diff[idx].mean(), resamples)
         rows.append([*map(str, key), str(len(ids)),
                      f"{100 * diff.mean():+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"])
     return rows
