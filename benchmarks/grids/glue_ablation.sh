@@ -8,6 +8,9 @@
 # 2. Every method at its rate, seeds outermost (an interrupted grid has whole seeds), TRAIN_N train examples.
 # Resumable: finished runs are skipped. From the repo root:
 #   nohup bash benchmarks/grids/glue_ablation.sh > /tmp/glue_ablation.log 2>&1 &
+# Knobs: TASK, TRAIN_N, SEL_N, EPOCHS, RATES, SEEDS, OUT, DATA, MODEL (a local folder; default the offline MiniLM-L6)
+# and PARALLEL=1: the rate-selection runs (one per rate), then the seeds, run as concurrent processes (two on this
+# CPU with OMP_NUM_THREADS=1; many on a GPU, see glue_ablation_gpu.sh). A seed's four methods stay in one process.
 set -euo pipefail
 # OpenMP threads that spin while waiting make every step several times slower on a shared CPU.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
@@ -28,13 +31,22 @@ SEL_N=${SEL_N:-4000}
 EPOCHS=${EPOCHS:-1}
 RATES=${RATES:-1e-3 2e-3}
 OUT=${OUT:-benchmarks/results/glue/cpu/ablation-$TASK}
-COMMON=(--task "$TASK" --data-dir "$DATA" --rank 8 --alpha 16 --epochs "$EPOCHS" --batch-size 16 --max-length 128)
+COMMON=(--task "$TASK" --data-dir "$DATA" --rank 8 --alpha 16 --epochs "$EPOCHS" --batch-size 16 --max-length 128
+        ${MODEL:+--model "$MODEL"})
+# Runs one job, in the background when PARALLEL=1 (its pid kept, so that `finish` can report any job's failure).
+jobs_started=()
+start() { if [ "${PARALLEL:-0}" = 1 ]; then "$@" & jobs_started+=($!); else "$@"; fi; }
+finish() { for pid in "${jobs_started[@]}"; do wait "$pid"; done; jobs_started=(); }
 for lr in $RATES; do
-  python -m benchmarks.glue "${COMMON[@]}" --method lora,ssmlora --seed 0 --lr "$lr" --holdout-fraction 0.1 \
+  start python -m benchmarks.glue "${COMMON[@]}" --method lora,ssmlora --seed 0 --lr "$lr" --holdout-fraction 0.1 \
     --max-train-samples "$SEL_N" --output-dir "$OUT/lr-select"
 done
+finish
+# (again: concurrent jobs each rewrite the table as they finish)
+python -m benchmarks.glue --table-only --output-dir "$OUT/lr-select"
 for seed in ${SEEDS:-0 1 2}; do
-  python -m benchmarks.glue "${COMMON[@]}" --method ssmlora,lora,lora-sparse,lora-half --seed "$seed" \
+  start python -m benchmarks.glue "${COMMON[@]}" --method ssmlora,lora,lora-sparse,lora-half --seed "$seed" \
     --lr-from "$OUT/lr-select" --max-train-samples "$TRAIN_N" --output-dir "$OUT"
 done
+finish
 python -m benchmarks.glue --table-only --output-dir "$OUT"
