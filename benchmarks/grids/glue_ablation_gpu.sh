@@ -21,22 +21,27 @@ CARRY=.gpu_carry
 TASKS=${TASKS:-mrpc rte}
 declare -A GLUE_DIR=([sst2]=SST-2 [cola]=CoLA [mrpc]=MRPC [rte]=RTE)
 
+# recast SRC DST half|float: the model folder's config and tokenizer files, and its weights in that dtype.
+recast() {
+  python - "$@" <<'EOF'
+import shutil, sys
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+src, dst, dtype = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+dst.mkdir(parents=True, exist_ok=True)
+for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+    shutil.copy(src / name, dst / name)
+weights = load_file(src / "model.safetensors")
+save_file({k: getattr(v, dtype)() for k, v in weights.items()}, dst / "model.safetensors", metadata={"format": "pt"})
+EOF
+}
+
 if [ "${1:-}" = pack ]; then
   grep -qxF "/$CARRY/" .git/info/exclude 2>/dev/null || echo "/$CARRY/" >> .git/info/exclude
   mkdir -p "$CARRY/glue"
   for task in $TASKS; do cp -r "${DATA:-../shared/data/glue}/${GLUE_DIR[$task]}" "$CARRY/glue/"; done
-  python - "$CARRY/minilm-fp16" <<'EOF'
-import shutil, sys
-from pathlib import Path
-from safetensors.torch import load_file, save_file
-from benchmarks.common import offline_model
-src, dst = Path(offline_model("minilm")), Path(sys.argv[1])
-dst.mkdir(parents=True, exist_ok=True)
-save_file({k: v.half() for k, v in load_file(src / "model.safetensors").items()}, dst / "model.safetensors",
-          metadata={"format": "pt"})
-for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-    shutil.copy(src / name, dst / name)
-EOF
+  recast "$(python -c "from benchmarks.common import offline_model; print(offline_model('minilm'))")" \
+    "$CARRY/minilm-fp16" half
   du -sh "$CARRY"
   exit 0
 fi
@@ -50,15 +55,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="src:kernels:.${PYTHONPATH:+:$PYTHONPATH}"
   python -c "import torch, transformers, peft, datasets, sklearn, scipy, matplotlib; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| datasets', datasets.__version__, '| sklearn', sklearn.__version__)"
 } 2>&1 | tee "$OUT/card.txt"
 MODEL=/tmp/minilm-fp32
-python - "$CARRY/minilm-fp16" "$MODEL" <<'EOF'
-import shutil, sys
-from pathlib import Path
-from safetensors.torch import load_file, save_file
-src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-shutil.copytree(src, dst, dirs_exist_ok=True)
-save_file({k: v.float() for k, v in load_file(src / "model.safetensors").items()}, dst / "model.safetensors",
-          metadata={"format": "pt"})
-EOF
+recast "$CARRY/minilm-fp16" "$MODEL" float
 CARD=$(python -c "from benchmarks.common import device_tag; print(device_tag())")
 RESULTS=benchmarks/results/glue/$CARD
 # The issue's protocol per task: train examples, rate-selection subset, epochs (as on the CPU, see RESULTS.md).
