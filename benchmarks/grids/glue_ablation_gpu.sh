@@ -12,13 +12,13 @@
 # On the GPU it checks the packages first, widens the weights back to float32 (so the model differs from the CPU
 # runs' only by float16 rounding of the frozen weights, relative error <= 5e-4), runs each task with PARALLEL=1 under
 # a time limit and leaves in $OUT: the card and versions, one log per task and glue-<card>.tgz with every run JSON,
-# table.md and plot.png (unpack in the repository root: benchmarks/results/glue/<card>/ablation-<task>/). Finished
-# runs are skipped on a rerun only on the same machine (a fresh device machine starts bare).
-# Knobs: TASKS (default "mrpc rte": the two the CPU has not finished), TASK_TIMEOUT (s, default 480).
+# table.md and plot.png (unpack in the repository root: benchmarks/results/glue/<card>/ablation-<task>-<epochs>ep/).
+# Finished runs are skipped on a rerun only on the same machine (a fresh device machine starts bare).
+# Knobs: TASKS (default "rte": the task the CPU could not train long enough), TASK_TIMEOUT (s, default 480).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CARRY=.gpu_carry
-TASKS=${TASKS:-mrpc rte}
+TASKS=${TASKS:-rte}
 declare -A GLUE_DIR=([sst2]=SST-2 [cola]=CoLA [mrpc]=MRPC [rte]=RTE)
 
 # recast SRC DST half|float: the model folder's config and tokenizer files, and its weights in that dtype.
@@ -58,14 +58,15 @@ MODEL=/tmp/minilm-fp32
 recast "$CARRY/minilm-fp16" "$MODEL" float
 CARD=$(python -c "from benchmarks.common import device_tag; print(device_tag())")
 RESULTS=benchmarks/results/glue/$CARD
-# The issue's protocol per task: train examples, rate-selection subset, epochs (as on the CPU, see RESULTS.md).
+# The issue's protocol per task: train examples, rate-selection subset, epochs (as on the CPU, see RESULTS.md,
+# except RTE: at 3 epochs on the CPU no method clearly left the majority class, so the GPU trains it for 10).
 declare -A TRAIN_N=([sst2]=20000 [cola]=8551 [mrpc]=3668 [rte]=2490)
 declare -A SEL_N=([sst2]=4000 [cola]=4000 [mrpc]=3668 [rte]=2490)
-declare -A EPOCHS=([sst2]=1 [cola]=3 [mrpc]=3 [rte]=3)
+declare -A EPOCHS=([sst2]=1 [cola]=3 [mrpc]=3 [rte]=10)
 pids=()
 for task in $TASKS; do
   TASK=$task TRAIN_N=${TRAIN_N[$task]} SEL_N=${SEL_N[$task]} EPOCHS=${EPOCHS[$task]} RATES="5e-4 1e-3 2e-3" \
-    MODEL=$MODEL DATA=$CARRY/glue PARALLEL=1 OUT=$RESULTS/ablation-$task \
+    MODEL=$MODEL DATA=$CARRY/glue PARALLEL=1 OUT=$RESULTS/ablation-$task-${EPOCHS[$task]}ep \
     bash benchmarks/grids/glue_ablation.sh >"$OUT/$task.log" 2>&1 &
   pids+=($!)
 done
@@ -76,5 +77,5 @@ status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
 pkill -P "$watchdog" sleep 2>/dev/null || true  # its sleep would hold the command open
 tar czf "$OUT/glue-$CARD.tgz" "$RESULTS"
-for task in $TASKS; do echo "== $task"; cat "$RESULTS/ablation-$task/table.md" 2>/dev/null || tail -5 "$OUT/$task.log"; done
+for task in $TASKS; do echo "== $task"; cat "$RESULTS/ablation-$task-${EPOCHS[$task]}ep/table.md" 2>/dev/null || tail -5 "$OUT/$task.log"; done
 exit "$status"
