@@ -21,11 +21,13 @@ TASK=${TASK:-sst2}
 #   TASK=sst2 TRAIN_N=20000 RATES="5e-4 1e-3 2e-3" OUT=benchmarks/results/glue/cpu/ablation-sst2-20k
 #   TASK=cola TRAIN_N=8551 SEL_N=4000 EPOCHS=3 RATES="5e-4 1e-3 2e-3" OUT=benchmarks/results/glue/cpu/ablation-cola
 #   TASK=rte  TRAIN_N=2490 EPOCHS=3 RATES="5e-4 1e-3 2e-3" SEL_N=2490   and likewise mrpc (3668)
+#   (RTE at 3 epochs left every method near the majority class: it needs more, see RESULTS.md)
 # Cost on this project's 2-core CPU, one thread per job (OMP_NUM_THREADS=1, two jobs side by side), train
 # examples/s measured with --throughput-steps (ssmlora / lora): SST-2 35 / 31 (27 inside the grid), CoLA 47 / 48,
 # MRPC 14 / 12, RTE 7.7 / 6.9. So one 3-epoch cell (4 methods x 3 seeds) takes ~1.8 h for CoLA (measured: 1.7 h,
-# plus 21 min of rate selection), ~2.8 h for MRPC, ~3.4 h for RTE, and SST-2 at 20,000 examples ~2.5 h, plus the
-# rate selection; minutes per task on a GPU.
+# plus 21 min of rate selection), ~2.8 h for MRPC, ~3.4 h for RTE (measured with
+# PARALLEL=1: 2.3 h of both cores, selection included), and SST-2 at 20,000 examples ~2.5 h, plus the rate
+# selection; minutes per task on a GPU.
 TRAIN_N=${TRAIN_N:-6000}
 SEL_N=${SEL_N:-4000}
 EPOCHS=${EPOCHS:-1}
