@@ -63,10 +63,11 @@ RESULTS=benchmarks/results/glue/$CARD
 declare -A TRAIN_N=([sst2]=20000 [cola]=8551 [mrpc]=3668 [rte]=2490)
 declare -A SEL_N=([sst2]=4000 [cola]=4000 [mrpc]=3668 [rte]=2490)
 declare -A EPOCHS=([sst2]=1 [cola]=3 [mrpc]=3 [rte]=10)
+task_results() { echo "$RESULTS/ablation-$1-${EPOCHS[$1]}ep"; }
 pids=()
 for task in $TASKS; do
   TASK=$task TRAIN_N=${TRAIN_N[$task]} SEL_N=${SEL_N[$task]} EPOCHS=${EPOCHS[$task]} RATES="5e-4 1e-3 2e-3" \
-    MODEL=$MODEL DATA=$CARRY/glue PARALLEL=1 OUT=$RESULTS/ablation-$task-${EPOCHS[$task]}ep \
+    MODEL=$MODEL DATA=$CARRY/glue PARALLEL=1 OUT=$(task_results $task) \
     bash benchmarks/grids/glue_ablation.sh >"$OUT/$task.log" 2>&1 &
   pids+=($!)
 done
@@ -77,5 +78,5 @@ status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
 pkill -P "$watchdog" sleep 2>/dev/null || true  # its sleep would hold the command open
 tar czf "$OUT/glue-$CARD.tgz" "$RESULTS"
-for task in $TASKS; do echo "== $task"; cat "$RESULTS/ablation-$task-${EPOCHS[$task]}ep/table.md" 2>/dev/null || tail -5 "$OUT/$task.log"; done
+for task in $TASKS; do echo "== $task"; cat "$(task_results $task)/table.md" 2>/dev/null || tail -5 "$OUT/$task.log"; done
 exit "$status"
