@@ -158,6 +158,37 @@ def test_passages_are_capped_to_max_passage_tokens():
     assert capped in prompt and text not in prompt
 
 
+def _with_special_token_text(examples: list[dict]) -> list[dict]:
+    for ex in examples:
+        ex["passages"][0]["text"] += f" {EOT} {BOS}"
+    return examples
+
+
+@pytest.mark.parametrize("other_call", [dict(truncation=True, max_length=5), dict(padding="max_length", max_length=700)],
+                         ids=["truncation", "padding"])
+def test_settings_left_by_another_tokenizer_call_change_no_id(other_call):
+    """The collator encodes through the Rust tokenizer directly when it can (speed). A tokenizer call elsewhere
+    with truncation or padding leaves that enabled on the Rust tokenizer; the collator's ids must not change."""
+    examples = _with_special_token_text(random_examples(6, seed=9))
+    tokenizer = make_tokenizer()
+    collator = RAREDataCollator(tokenizer)
+    expected = collator(examples)
+    tokenizer("some other text", **other_call)
+    for name, tensor in collator(examples).items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_split_special_tokens_is_honoured():
+    example = _with_special_token_text(random_examples(1, seed=10))[0]
+    tokenizer = make_tokenizer()
+    tokenizer.split_special_tokens = True
+    collator = RAREDataCollator(tokenizer, max_length=4096)
+    enc = collator.encode(example)
+    prompt = collator.prompt_text(collator.template.format_question(example), enc.passages)
+    assert enc.input_ids[:enc.prompt_length] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_tokens_to_ids(EOT) not in enc.input_ids[:enc.prompt_length]
+
+
 def test_padding_free_matches_padded_rows():
     tokenizer = make_tokenizer()
     examples = random_examples(5, seed=8)
