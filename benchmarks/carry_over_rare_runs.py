@@ -42,8 +42,8 @@ def code_hash_at(commit: str) -> str:
     if changed != [CHANGED_FILE]:
         raise SystemExit(f"code changed since {commit}: {changed}; this carry-over covers {CHANGED_FILE} only")
     archive = subprocess.run([*git, "archive", commit, *rk.KNOWLEDGE_CODE], check=True, capture_output=True).stdout
-    with tempfile.TemporaryDirectory() as tree:
-        tarfile.open(fileobj=BytesIO(archive)).extractall(tree, filter="data")
+    with tempfile.TemporaryDirectory() as tree, tarfile.open(fileobj=BytesIO(archive)) as files:
+        files.extractall(tree, filter="data")
         common.code_fingerprint.cache_clear()  # it is cached per path list, and the tree differs here
         try:
             with mock.patch.object(common, "REPO_ROOT", Path(tree)):
