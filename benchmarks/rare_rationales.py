@@ -102,21 +102,27 @@ def paired_differences(results: list[dict], side: str, first: str, second: str, 
     """Accuracy of the results whose ``side`` field is ``first`` minus those where it is ``second``, on the same
     questions, per value of the ``group`` fields, with the runner's bootstrap 95 % interval over questions (seeded,
     so the table is reproducible). E.g. side="training", first="rare", second="sft_closed",
-    group=("test", "method_label", "seed")."""
+    group=("test", "method_label", "seed"). When ``group`` holds the seed, a row with seed "all" follows for each
+    comparison made in more than one seed: the questions of those seeds pooled (each seed is its own world)."""
     correct = defaultdict(dict)
     for r in results:
         correct[tuple(r[field] for field in group)][r[side]] = {
             q["id"]: float(q["pred"] == q["gold"]) for q in r["per_question"]}
-    rows = []
+
+    def row(key: tuple, diff: np.ndarray) -> list[str]:
+        low, high = rk.bootstrap_ci(diff, lambda idx: diff[idx].mean(), resamples)
+        return [*map(str, key), str(len(diff)), f"{100 * diff.mean():+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"]
+
+    rows, over_seeds = [], defaultdict(list)
     for key, by_side in sorted(correct.items()):
         if not {first, second} <= set(by_side):
             continue
         ids = sorted(by_side[first].keys() & by_side[second].keys())
         diff = np.array([by_side[first][i] - by_side[second][i] for i in ids])
-        low, high = rk.bootstrap_ci(diff, lambda idx, diff=diff: diff[idx].mean(), resamples)
-        rows.append([*map(str, key), str(len(ids)),
-                     f"{100 * diff.mean():+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"])
-    return rows
+        rows.append(row(key, diff))
+        if "seed" in group:
+            over_seeds[tuple("all" if field == "seed" else value for field, value in zip(group, key))].append(diff)
+    return rows + [row(key, np.concatenate(diffs)) for key, diffs in over_seeds.items() if len(diffs) > 1]
 
 
 def table(folder: Path) -> str:

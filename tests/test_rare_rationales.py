@@ -89,3 +89,20 @@ def test_results_from_other_data_or_formats_are_refused(world, tmp_path):
     empty.mkdir()
     with pytest.raises(SystemExit, match="no rationale-first results"):
         rr.main([str(empty)])
+
+
+def test_paired_differences_pool_the_seeds():
+    def result(seed, method, right):  # ``right``: which of four questions are answered right
+        return {"training": "rare", "test": "bm25", "seed": seed, "method_label": method,
+                "per_question": [{"id": f"q{i}", "gold": "yes", "pred": "yes" if ok else "no"}
+                                 for i, ok in enumerate(right)]}
+
+    results = [result(0, "ssmlora", [1, 1, 0, 0]), result(0, "lora", [1, 1, 1, 1]),
+               result(1, "ssmlora", [1, 1, 1, 1]), result(1, "lora", [1, 1, 1, 1])]
+    rows = rr.paired_differences(results, "method_label", "ssmlora", "lora", ("training", "test", "seed"), 200)
+    assert [r[:4] for r in rows] == [["rare", "bm25", "0", "4"], ["rare", "bm25", "1", "4"],
+                                     ["rare", "bm25", "all", "8"]]
+    assert rows[0][4].startswith("-50.0 [") and rows[1][4].startswith("+0.0 [") and rows[2][4].startswith("-25.0 [")
+    # one seed only: nothing to pool
+    assert len(rr.paired_differences(results[:2], "method_label", "ssmlora", "lora", ("training", "test", "seed"),
+                                     200)) == 1
