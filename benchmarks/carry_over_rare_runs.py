@@ -9,7 +9,7 @@ the same ids both ways. Only then does it write the current identity into the JS
 recording the code hash the run was made with and why. It refuses a run whose identity differs in anything but the
 code, whose code is not that of ``--made-at``, and any carry-over when code besides the collator changed since.
 
-    python -m benchmarks.carry_over_rare_runs benchmarks/results/rare_knowledge/cpu/grid-3ep --made-at 21091ac
+    python -m benchmarks.carry_over_rare_runs benchmarks/results/rare_knowledge/cpu/grid-3ep --made-at a3c9f6b
 """
 
 from __future__ import annotations
