@@ -14,9 +14,11 @@
 #   python -m benchmarks.rare_knowledge --table-only --output-dir benchmarks/results/rare_knowledge/cpu/grid
 #
 # Cost on this project's 2-core CPU, THREADS=1 beside one other 1-thread job, one epoch of 320 questions: SFT
-# training ~9 min, RARE ~14 min (its prompts carry four passages, ~237 tokens); rationale-first scoring 2.2-3.6 s a
-# question (~4-6 min per test condition). One rationale-first (seed, method) invocation is ~40 min; the whole grid
-# is several hours per seed here.
+# training ~9-10 min, RARE ~14 min (its prompts carry four passages, ~237 tokens); rationale-first scoring 2.2-3.6 s
+# a question (~4-6 min per test condition); answer-first scoring ~1.5-2.5 min per test condition (200 questions).
+# At EPOCHS=3 one rationale-first (seed, method) invocation is ~85 min and one answer-first ~2.5 h (three trainings
+# of 30-45 min, five test conditions each). Two METHODS started side by side both run the zero-shot rows (same
+# result, one file; ~10 min of a core for answer-first).
 set -euo pipefail
 # OpenMP threads that spin while waiting make every step several times slower on a shared CPU.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
