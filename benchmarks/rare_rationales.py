@@ -13,8 +13,7 @@ reads each stored rationale and checks, against the generated world (the edited 
 - both facts right on the "no" questions only: there the two targets differ, so a model that reads one passage and
   fills the "yes" template ("<drug> inhibits T, and T drives <disease>") gets one of them wrong.
 
-Beside the fact table it pairs runs over the same questions: RARE minus closed-book SFT (same adapter and seed) and
-SSMLoRA minus peft LoRA (same training, test and seed), each with a bootstrap 95 % interval.
+The paired differences between runs (RARE minus SFT, SSMLoRA minus LoRA, ...) are `benchmarks.rare_paired`'s.
 
 A fact stated in other words than the template's counts as not stated right. The data is regenerated from each
 result's recorded arguments by the runner's own loader (seed and recipe, or its ``data_dir``) and must match the
@@ -26,16 +25,13 @@ result's data sha256.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
-from collections import defaultdict
 from pathlib import Path
-
-import numpy as np
 
 from benchmarks import rare_knowledge as rk
 from benchmarks.common import markdown_table, write_text_atomic
+from benchmarks.rare_paired import load_results
 
 HEADER = ["training", "test", "method", "seed", "n", "accuracy", "target right", "driver right", "both right",
           "both right on 'no' questions", "answer follows its rationale", "accuracy when both right"]
@@ -97,40 +93,8 @@ def percent(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}" if whole else "–"
 
 
-def paired_differences(results: list[dict], side: str, first: str, second: str, group: tuple[str, ...],
-                       resamples: int = 10_000) -> list[list[str]]:
-    """Accuracy of the results whose ``side`` field is ``first`` minus those where it is ``second``, on the same
-    questions, per value of the ``group`` fields, with the runner's bootstrap 95 % interval over questions (seeded,
-    so the table is reproducible). E.g. side="training", first="rare", second="sft_closed",
-    group=("test", "method_label", "seed"). When ``group`` holds the seed, a row with seed "all" follows for each
-    comparison made in more than one seed: the questions of those seeds pooled (each seed is its own world)."""
-    correct = defaultdict(dict)
-    for r in results:
-        correct[tuple(r[field] for field in group)][r[side]] = {
-            q["id"]: float(q["pred"] == q["gold"]) for q in r["per_question"]}
-
-    def row(key: tuple, diff: np.ndarray) -> list[str]:
-        low, high = rk.bootstrap_ci(diff, lambda idx: diff[idx].mean(), resamples)
-        return [*map(str, key), str(len(diff)), f"{100 * diff.mean():+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"]
-
-    rows, over_seeds = [], defaultdict(list)
-    for key, by_side in sorted(correct.items()):
-        if not {first, second} <= set(by_side):
-            continue
-        ids = sorted(by_side[first].keys() & by_side[second].keys())
-        diff = np.array([by_side[first][i] - by_side[second][i] for i in ids])
-        rows.append(row(key, diff))
-        if "seed" in group:
-            over_seeds[tuple("all" if field == "seed" else value for field, value in zip(group, key))].append(diff)
-    return rows + [row(key, np.concatenate(diffs)) for key, diffs in over_seeds.items() if len(diffs) > 1]
-
-
 def table(folder: Path) -> str:
-    results = []
-    for path in sorted(folder.glob("*.json")):
-        result = json.loads(path.read_text())
-        if result.get("response_format") == "rationale-answer" and result.get("per_question"):
-            results.append({**result, "_file": path.name})
+    results = [r for r in load_results(folder) if r.get("response_format") == "rationale-answer"]
     if not results:
         raise SystemExit(f"{folder} holds no rationale-first results (--response-format rationale-answer)")
     cache: dict = {}
@@ -142,21 +106,8 @@ def table(folder: Path) -> str:
                      percent(c["both"], c["n"]), f"{percent(c['both_on_no'], c['no'])} (of {c['no']})",
                      f"{percent(c['follows'], c['stated'])} (of {c['stated']})",
                      f"{percent(c['both_correct'], c['both'])} (of {c['both']})"])
-    text = ("Facts in the rationales of rationale-first runs (%), checked against the generated world "
+    return ("Facts in the rationales of rationale-first runs (%), checked against the generated world "
             "(`python -m benchmarks.rare_rationales`):\n\n" + markdown_table(HEADER, rows) + "\n")
-    comparisons = [  # (what is compared, column, the field that differs, first, second, the fields held equal)
-        ("RARE minus closed-book SFT", "RARE minus SFT", "training", "rare", "sft_closed",
-         ("test", "method_label", "seed")),
-        ("SSMLoRA minus peft LoRA", "SSMLoRA minus LoRA", "method_label", "ssmlora", "lora",
-         ("training", "test", "seed")),
-    ]
-    for title, column, side, first, second, group in comparisons:
-        paired = paired_differences(results, side, first, second, group)
-        if paired:
-            header = [*(field.removesuffix("_label") for field in group), "n", column]
-            text += (f"\nAccuracy of {title} on the same questions (points; bootstrap 95 % interval over questions, "
-                     "10,000 resamples):\n\n" + markdown_table(header, paired) + "\n")
-    return text
 
 
 def main(argv=None) -> str:

@@ -17,12 +17,12 @@ def world(tmp_path_factory):
     return rkd.load_data(folder), rkd.data_fingerprint(folder)
 
 
-def _result(folder, name, test, per_question, sha256, training="rare", method="ssmlora"):
+def _result(folder, name, test, per_question, sha256, response_format="rationale-answer"):
     recipe = rkd.Recipe()
     config = {"data_dir": None, "seed": 0, "train_drugs": recipe.train_drugs, "test_drugs": recipe.test_drugs,
               "drugs_per_target": recipe.drugs_per_target, "edit_fraction": recipe.edit_fraction}
-    result = {"training": training, "test": test, "method_label": method, "seed": 0, "config": config,
-              "response_format": "rationale-answer", "data_sha256": sha256, "per_question": per_question}
+    result = {"training": "rare", "test": test, "method_label": "ssmlora", "seed": 0, "config": config,
+              "response_format": response_format, "data_sha256": sha256, "per_question": per_question}
     (folder / f"{name}.json").write_text(json.dumps(result))
 
 
@@ -48,22 +48,10 @@ def test_facts_are_checked_per_hop(world, tmp_path):
     assert "| rare | bm25 | ssmlora | 0 | 4 | 50.0 | 75.0 | 50.0 | 50.0 | 50.0 (of 2) | 100.0 (of 3) | 100.0 (of 2) |" \
         in text
     assert (tmp_path / "rationale_facts.md").read_text() == text
-    assert "RARE minus SFT" not in text  # no SFT run beside it: nothing to pair
 
-    # an SFT run on the same questions, right on one of the four where RARE was right on two: +25 points
-    sft_rows = [dict(row, pred=("yes" if row["gold"] == "no" else "no")) for row in rows]
-    sft_rows[0]["pred"] = sft_rows[0]["gold"]
-    _result(tmp_path, "sft-bm25", "bm25", sft_rows, sha256, training="sft_closed")
-    paired = [line for line in rr.main([str(tmp_path)]).splitlines() if line.startswith("| bm25 |")]
-    assert len(paired) == 1 and paired[0].startswith("| bm25 | ssmlora | 0 | 4 | +25.0 [")
-    assert "SSMLoRA minus LoRA" not in rr.main([str(tmp_path)])
-
-    # a LoRA RARE run on the same questions, right on all four: SSMLoRA (two of four) is 50 points behind
-    lora_rows = [dict(row, pred=row["gold"]) for row in rows]
-    _result(tmp_path, "rare-bm25-lora", "bm25", lora_rows, sha256, method="lora")
-    text = rr.main([str(tmp_path)])
-    assert "| rare | bm25 | lora | 0 | 4 | 100.0 |" in text
-    assert "| rare | bm25 | 0 | 4 | -50.0 [" in text.split("SSMLoRA minus peft LoRA")[1]
+    # an answer-first run in the same folder is not a rationale-first one: its rows are not checked
+    _result(tmp_path, "answer-first", "bm25", rows, sha256, response_format="answer-rationale")
+    assert rr.main([str(tmp_path)]) == text
 
 
 def test_edited_tests_are_checked_against_the_edited_world(world):
@@ -89,20 +77,3 @@ def test_results_from_other_data_or_formats_are_refused(world, tmp_path):
     empty.mkdir()
     with pytest.raises(SystemExit, match="no rationale-first results"):
         rr.main([str(empty)])
-
-
-def test_paired_differences_pool_the_seeds():
-    def result(seed, method, right):  # ``right``: which of four questions are answered right
-        return {"training": "rare", "test": "bm25", "seed": seed, "method_label": method,
-                "per_question": [{"id": f"q{i}", "gold": "yes", "pred": "yes" if ok else "no"}
-                                 for i, ok in enumerate(right)]}
-
-    results = [result(0, "ssmlora", [1, 1, 0, 0]), result(0, "lora", [1, 1, 1, 1]),
-               result(1, "ssmlora", [1, 1, 1, 1]), result(1, "lora", [1, 1, 1, 1])]
-    rows = rr.paired_differences(results, "method_label", "ssmlora", "lora", ("training", "test", "seed"), 200)
-    assert [r[:4] for r in rows] == [["rare", "bm25", "0", "4"], ["rare", "bm25", "1", "4"],
-                                     ["rare", "bm25", "all", "8"]]
-    assert rows[0][4].startswith("-50.0 [") and rows[1][4].startswith("+0.0 [") and rows[2][4].startswith("-25.0 [")
-    # one seed only: nothing to pool
-    assert len(rr.paired_differences(results[:2], "method_label", "ssmlora", "lora", ("training", "test", "seed"),
-                                     200)) == 1

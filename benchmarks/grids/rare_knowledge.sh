@@ -42,3 +42,4 @@ for seed in ${SEEDS:-0 1 2}; do
 done
 python -m benchmarks.rare_knowledge --table-only --output-dir "$OUT"
 python -m benchmarks.rare_rationales "$OUT"
+python -m benchmarks.rare_paired "$OUT"

@@ -1,0 +1,109 @@
+"""Paired accuracy differences between the knowledge benchmark's runs, over the same questions.
+
+Two runs that differ in one field and agree on all others (response format, seed, and the rest of training, test
+and adapter) answered the same questions, so their difference is measured per question: the mean of
+(first right) - (second right), with the runner's bootstrap 95 % interval over the questions. Compared:
+
+- RARE minus closed-book SFT, RAFT minus plain RARE (training; same test, adapter, seed);
+- SSMLoRA minus peft LoRA (adapter; same training, test, seed);
+- BM25 passages minus closed-book, oracle passages minus BM25 (what each model makes of the passages at test).
+
+When a comparison is made in more than one seed, a row with seed "all" follows: the questions of those seeds
+pooled (each seed is its own generated world, so its questions are new ones).
+
+    python -m benchmarks.rare_paired benchmarks/results/rare_knowledge/cpu/grid-3ep   # writes paired.md there
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import rare_knowledge as rk
+from benchmarks.common import markdown_table, write_text_atomic
+
+# (title, the field that differs, first, second); every other field of KEY is held equal
+COMPARISONS = [
+    ("RARE minus closed-book SFT", "training", "rare", "sft_closed"),
+    ("RARE with RAFT distractors minus plain RARE", "training", "rare_raft", "rare"),
+    ("SSMLoRA minus peft LoRA", "method_label", "ssmlora", "lora"),
+    ("BM25 passages minus closed-book at test", "test", "bm25", "closed_book"),
+    ("oracle passages minus BM25 at test", "test", "oracle", "bm25"),
+]
+KEY = ("response_format", "training", "test", "method_label", "seed")
+
+
+def paired_differences(results: list[dict], side: str, first: str, second: str, group: tuple[str, ...],
+                       resamples: int = 10_000) -> list[list[str]]:
+    """Accuracy of the results whose ``side`` field is ``first`` minus those where it is ``second``, on the same
+    questions, per value of the ``group`` fields, with the runner's bootstrap 95 % interval over questions (seeded,
+    so the table is reproducible). E.g. side="training", first="rare", second="sft_closed",
+    group=("test", "method_label", "seed"). When ``group`` holds the seed, a row with seed "all" follows for each
+    comparison made in more than one seed: the questions of those seeds pooled."""
+    correct = defaultdict(dict)
+    for r in results:
+        correct[tuple(r[field] for field in group)][r[side]] = {
+            q["id"]: float(q["pred"] == q["gold"]) for q in r["per_question"]}
+
+    def row(key: tuple, diff: np.ndarray) -> list[str]:
+        low, high = rk.bootstrap_ci(diff, lambda idx: diff[idx].mean(), resamples)
+        return [*map(str, key), str(len(diff)), f"{100 * diff.mean():+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"]
+
+    rows, over_seeds = [], defaultdict(list)
+    for key, by_side in sorted(correct.items()):
+        if not {first, second} <= set(by_side):
+            continue
+        ids = sorted(by_side[first].keys() & by_side[second].keys())
+        diff = np.array([by_side[first][i] - by_side[second][i] for i in ids])
+        rows.append(row(key, diff))
+        if "seed" in group:
+            over_seeds[tuple("all" if field == "seed" else value for field, value in zip(group, key))].append(diff)
+    return rows + [row(key, np.concatenate(diffs)) for key, diffs in over_seeds.items() if len(diffs) > 1]
+
+
+def load_results(folder: Path) -> list[dict]:
+    """The folder's result JSONs that kept their per-question predictions."""
+    results = []
+    for path in sorted(folder.glob("*.json")):
+        result = json.loads(path.read_text())
+        if result.get("per_question"):
+            results.append({**result, "_file": path.name})
+    return results
+
+
+def table(results: list[dict]) -> str:
+    text = ""
+    for title, side, first, second in COMPARISONS:
+        group = tuple(field for field in KEY if field != side)
+        paired = paired_differences(results, side, first, second, group)
+        if paired:
+            header = [*(field.removesuffix("_label") for field in group), "n", "difference (points)"]
+            text += f"\n{title}, on the same questions:\n\n" + markdown_table(header, paired) + "\n"
+    return text
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help="a folder of rare_knowledge result JSONs")
+    parser.add_argument("--out", type=Path, default=None, help="default: <folder>/paired.md")
+    args = parser.parse_args(argv)
+    if not args.folder.is_dir():
+        raise SystemExit(f"{args.folder} is not a folder of rare_knowledge results")
+    pairs = table(load_results(args.folder))
+    if not pairs:
+        raise SystemExit(f"{args.folder} holds no two runs that differ in one compared field on the same questions")
+    text = ("Paired accuracy differences (points) between runs on the same questions; bootstrap 95 % interval over "
+            "the questions, 10,000 resamples; seed \"all\" pools the seeds (`python -m benchmarks.rare_paired`).\n"
+            + pairs)
+    write_text_atomic(args.out or args.folder / "paired.md", text)
+    sys.stdout.write(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

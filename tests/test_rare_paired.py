@@ -1,0 +1,74 @@
+"""`benchmarks/rare_paired.py`: accuracy differences between knowledge-benchmark runs on the same questions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import rare_paired as rp
+
+
+def _result(right, training="rare", test="bm25", method="ssmlora", seed=0, response_format="answer-rationale",
+            first_id=0):
+    """A run that answered questions q<first_id>, q<first_id + 1>, ... right where ``right`` is 1."""
+    return {"training": training, "test": test, "method_label": method, "seed": seed,
+            "response_format": response_format,
+            "per_question": [{"id": f"q{first_id + i}", "gold": "yes", "pred": "yes" if ok else "no"}
+                             for i, ok in enumerate(right)]}
+
+
+def _write(folder, results):
+    for i, result in enumerate(results):
+        (folder / f"run{i}.json").write_text(json.dumps(result))
+
+
+def test_paired_differences_pool_the_seeds():
+    results = [_result([1, 1, 0, 0], seed=0), _result([1, 1, 1, 1], seed=0, method="lora"),
+               _result([1, 1, 1, 1], seed=1), _result([1, 1, 1, 1], seed=1, method="lora")]
+    group = ("training", "test", "seed")
+    rows = rp.paired_differences(results, "method_label", "ssmlora", "lora", group, 200)
+    assert [r[:4] for r in rows] == [["rare", "bm25", "0", "4"], ["rare", "bm25", "1", "4"],
+                                     ["rare", "bm25", "all", "8"]]
+    assert rows[0][4].startswith("-50.0 [") and rows[1][4].startswith("+0.0 [") and rows[2][4].startswith("-25.0 [")
+    # one seed only: nothing to pool
+    assert len(rp.paired_differences(results[:2], "method_label", "ssmlora", "lora", group, 200)) == 1
+
+
+def test_only_the_questions_both_runs_answered_are_paired():
+    # the second run answered q2..q5; q2 and q3 are shared: right in the first, wrong in the second
+    results = [_result([1, 1, 1, 1]), _result([0, 0, 1, 1], method="lora", first_id=2)]
+    rows = rp.paired_differences(results, "method_label", "ssmlora", "lora", ("seed",), 200)
+    assert rows[0][:2] == ["0", "2"] and rows[0][2].startswith("+100.0 [")
+
+
+def test_every_comparison_holds_the_other_fields_equal(tmp_path):
+    _write(tmp_path, [
+        _result([1, 1, 1, 0]),                                  # RARE, BM25 at test
+        _result([1, 0, 0, 0], training="sft_closed"),           # closed-book SFT, BM25 at test
+        _result([1, 1, 0, 0], training="rare_raft"),            # RAFT, BM25 at test
+        _result([0, 1, 0, 0], test="closed_book"),              # the RARE model without passages
+        _result([1, 1, 1, 1], test="oracle"),                   # ... and with the gold passages
+        _result([0, 0, 0, 0], response_format="rationale-answer"),  # another format: pairs with nothing
+    ])
+    text = rp.main([str(tmp_path)])
+    assert (tmp_path / "paired.md").read_text() == text
+
+    def differences(title):
+        lines = text.split(title + ", on the same questions:")[1].split("\n\n")[1].splitlines()[2:]
+        return [line.split("|")[-2].split(" [")[0].strip() for line in lines]
+
+    assert "SSMLoRA minus peft LoRA" not in text  # one adapter only
+    assert differences("RARE minus closed-book SFT") == ["+50.0"]
+    assert differences("RARE with RAFT distractors minus plain RARE") == ["-25.0"]
+    assert differences("BM25 passages minus closed-book at test") == ["+50.0"]
+    assert differences("oracle passages minus BM25 at test") == ["+25.0"]
+    assert "| answer-rationale | bm25 | ssmlora | 0 | 4 | +50.0 [" in text
+
+
+def test_a_folder_without_pairs_is_refused(tmp_path):
+    _write(tmp_path, [_result([1, 0]), _result([1, 1], response_format="rationale-answer")])
+    with pytest.raises(SystemExit, match="no two runs that differ in one compared field"):
+        rp.main([str(tmp_path)])
+    with pytest.raises(SystemExit, match="is not a folder"):
+        rp.main([str(tmp_path / "missing")])
