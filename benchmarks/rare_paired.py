@@ -87,22 +87,32 @@ def table(results: list[dict]) -> str:
     return text
 
 
-def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def report(folder: Path) -> str:
+    pairs = table(load_results(folder))
+    if not pairs:
+        raise SystemExit(f"{folder} holds no two runs that differ in one compared field on the same questions")
+    return ("Paired accuracy differences (points) between runs on the same questions; bootstrap 95 % interval over "
+            "the questions, 10,000 resamples; seed \"all\" pools the seeds (`python -m benchmarks.rare_paired`).\n"
+            + pairs)
+
+
+def folder_report_main(argv, description: str, out_name: str, make_report) -> str:
+    """The command line of a reader of a results folder: ``make_report(folder)`` written to ``<folder>/<out_name>``
+    (or ``--out``) and printed."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("folder", type=Path, help="a folder of rare_knowledge result JSONs")
-    parser.add_argument("--out", type=Path, default=None, help="default: <folder>/paired.md")
+    parser.add_argument("--out", type=Path, default=None, help=f"default: <folder>/{out_name}")
     args = parser.parse_args(argv)
     if not args.folder.is_dir():
         raise SystemExit(f"{args.folder} is not a folder of rare_knowledge results")
-    pairs = table(load_results(args.folder))
-    if not pairs:
-        raise SystemExit(f"{args.folder} holds no two runs that differ in one compared field on the same questions")
-    text = ("Paired accuracy differences (points) between runs on the same questions; bootstrap 95 % interval over "
-            "the questions, 10,000 resamples; seed \"all\" pools the seeds (`python -m benchmarks.rare_paired`).\n"
-            + pairs)
-    write_text_atomic(args.out or args.folder / "paired.md", text)
+    text = make_report(args.folder)
+    write_text_atomic(args.out or args.folder / out_name, text)
     sys.stdout.write(text)
     return text
+
+
+def main(argv=None) -> str:
+    return folder_report_main(argv, __doc__.split("\n\n")[0], "paired.md", report)
 
 
 if __name__ == "__main__":

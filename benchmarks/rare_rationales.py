@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 from benchmarks import rare_knowledge as rk
-from benchmarks.common import markdown_table, write_text_atomic
-from benchmarks.rare_paired import load_results
+from benchmarks.common import markdown_table
+from benchmarks.rare_paired import folder_report_main, load_results
 
 HEADER = ["training", "test", "method", "seed", "n", "accuracy", "target right", "driver right", "both right",
           "both right on 'no' questions", "answer follows its rationale", "accuracy when both right"]
@@ -111,16 +110,7 @@ def table(folder: Path) -> str:
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder", type=Path, help="a folder of rare_knowledge result JSONs")
-    parser.add_argument("--out", type=Path, default=None, help="default: <folder>/rationale_facts.md")
-    args = parser.parse_args(argv)
-    if not args.folder.is_dir():
-        raise SystemExit(f"{args.folder} is not a folder of rare_knowledge results")
-    text = table(args.folder)
-    write_text_atomic(args.out or args.folder / "rationale_facts.md", text)
-    sys.stdout.write(text)
-    return text
+    return folder_report_main(argv, __doc__.split("\n\n")[0], "rationale_facts.md", table)
 
 
 if __name__ == "__main__":
