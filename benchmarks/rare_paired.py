@@ -1,6 +1,9 @@
-"""Paired accuracy differences between the knowledge benchmark's runs, over the same questions.
+"""The knowledge benchmark's folder summary: accuracy by setting and test condition, then paired differences.
 
-Two runs that differ in one field and agree on all others (response format, seed, and the rest of training, test
+First, per response format, one matrix: a row per (training, adapter), a column per test condition, each cell the
+accuracy's mean ± standard deviation over the seeds run (their number in brackets).
+
+Then the paired differences. Two runs that differ in one field and agree on all others (response format, seed, and the rest of training, test
 and adapter) answered the same questions, so their difference is measured per question: the mean of
 (first right) - (second right), with the runner's bootstrap 95 % interval over the questions. Compared:
 
@@ -36,6 +39,40 @@ COMPARISONS = [
     ("oracle passages minus BM25 at test", "test", "oracle", "bm25"),
 ]
 KEY = ("response_format", "training", "test", "method_label", "seed")
+TRAININGS = ("zs", "sft_closed", "rare", "rare_raft")  # the order of the matrix's rows
+TESTS = ("closed_book", "bm25", "oracle", "bm25_edited", "oracle_edited")  # and of its columns
+
+
+def _order(value: str, known: tuple[str, ...]) -> tuple[int, str]:
+    return (known.index(value) if value in known else len(known), value)
+
+
+def accuracy_matrix(results: list[dict]) -> str:
+    """Per response format, a markdown matrix: (training, adapter) x test condition, accuracy (%) as
+    "mean ± std (seeds)" over the seeds run ("mean (1)" for one seed); "–" where that run does not exist."""
+    accuracies = defaultdict(list)
+    for r in results:
+        accuracies[r["response_format"], r["training"], r["method_label"], r["test"]].append(100 * r["accuracy"])
+    text = ""
+    for response_format in sorted({key[0] for key in accuracies}):
+        keys = [key for key in accuracies if key[0] == response_format]
+        tests = sorted({key[3] for key in keys}, key=lambda t: _order(t, TESTS))
+        rows = sorted({key[1:3] for key in keys}, key=lambda row: (_order(row[0], TRAININGS), row[1]))
+        cells = []
+        for training, method in rows:
+            cells.append([training, method])
+            for test in tests:
+                values = accuracies.get((response_format, training, method, test))
+                if not values:
+                    cells[-1].append("–")
+                elif len(values) == 1:
+                    cells[-1].append(f"{values[0]:.1f} (1)")
+                else:
+                    cells[-1].append(f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f} ({len(values)})")
+        text += (f"\nAccuracy (%), {response_format}: mean ± standard deviation over seeds (number of seeds); the "
+                 "edited columns score only the questions the edit flipped:\n\n"
+                 + markdown_table(["training", "adapter", *tests], cells) + "\n")
+    return text
 
 
 def paired_differences(results: list[dict], side: str, first: str, second: str, group: tuple[str, ...],
@@ -88,10 +125,11 @@ def table(results: list[dict]) -> str:
 
 
 def report(folder: Path) -> str:
-    pairs = table(load_results(folder))
+    results = load_results(folder)
+    pairs = table(results)
     if not pairs:
         raise SystemExit(f"{folder} holds no two runs that differ in one compared field on the same questions")
-    return ("Paired accuracy differences (points) between runs on the same questions; bootstrap 95 % interval over "
+    return (accuracy_matrix(results).lstrip("\n") + "\nPaired accuracy differences (points) between runs on the same questions; bootstrap 95 % interval over "
             "the questions, 10,000 resamples; seed \"all\" pools the seeds (`python -m benchmarks.rare_paired`).\n"
             + pairs)
 

@@ -13,7 +13,7 @@ def _result(right, training="rare", test="bm25", method="ssmlora", seed=0, respo
             first_id=0):
     """A run that answered questions q<first_id>, q<first_id + 1>, ... right where ``right`` is 1."""
     return {"training": training, "test": test, "method_label": method, "seed": seed,
-            "response_format": response_format,
+            "response_format": response_format, "accuracy": sum(right) / len(right),
             "per_question": [{"id": f"q{first_id + i}", "gold": "yes", "pred": "yes" if ok else "no"}
                              for i, ok in enumerate(right)]}
 
@@ -64,6 +64,20 @@ def test_every_comparison_holds_the_other_fields_equal(tmp_path):
     assert differences("BM25 passages minus closed-book at test") == ["+50.0"]
     assert differences("oracle passages minus BM25 at test") == ["+25.0"]
     assert "| answer-rationale | bm25 | ssmlora | 0 | 4 | +50.0 [" in text
+
+
+def test_the_accuracy_matrix_has_a_row_per_setting_and_a_column_per_test():
+    results = [_result([1, 1, 0, 0], seed=0), _result([1, 1, 1, 1], seed=1),   # RARE, BM25: 50 and 100
+               _result([1, 0, 0, 0], test="closed_book"),                      # RARE, closed-book: 25
+               _result([0, 0, 0, 0], training="zs", method="–"),              # zero-shot, BM25: 0
+               _result([1, 1, 1, 1], training="sft_closed", test="oracle", response_format="rationale-answer")]
+    text = rp.accuracy_matrix(results)
+    first, second = text.split("Accuracy (%), ")[1:]
+    assert first.startswith("answer-rationale") and second.startswith("rationale-answer")
+    assert "| training | adapter | closed_book | bm25 |\n" in first  # tests in the benchmark's order
+    # rows in the benchmark's order (zero-shot first); two seeds give mean ± sample std, one seed "(1)"
+    assert "| zs | – | – | 0.0 (1) |\n| rare | ssmlora | 25.0 (1) | 75.0 ± 35.4 (2) |" in first
+    assert "| sft_closed | ssmlora | 100.0 (1) |" in second and "bm25" not in second
 
 
 def test_a_folder_without_pairs_is_refused(tmp_path):
