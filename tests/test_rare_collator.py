@@ -11,13 +11,15 @@ from test_rare_fixtures import (
     EOS,
     EOT,
     LLAMA3_TEMPLATE,
+    TOY_CORPUS,
+    TOY_QUESTIONS,
     make_tokenizer,
     random_examples,
     random_text,
     smollm2_tokenizer,
 )
 
-from rare_data import ExampleTooLongError, PromptTemplate, RAREDataCollator, RetrievedPassage
+from rare_data import BM25Retriever, ExampleTooLongError, PromptTemplate, RAREDataCollator, RetrievedPassage
 
 
 def _labelled(batch, row):
@@ -241,6 +243,30 @@ def test_raft_sampling_is_a_function_of_seed_example_and_epoch():
     assert all(ex["gold_passage_ids"][0] in ids for ex, ids in zip(examples, shown(always, examples)))
     never = RAREDataCollator(tokenizer, **dict(opts, p_keep_gold=0.0))
     assert not any(ex["gold_passage_ids"][0] in ids for ex, ids in zip(examples, shown(never, examples)))
+
+
+def test_raft_draws_random_distractors_when_the_candidates_run_out():
+    # BM25 returns only passages sharing a word with the question: for these questions one or two of the corpus,
+    # fewer than RAFT's 2 distractors (+ 1 for a dropped gold passage) need
+    retriever = BM25Retriever.from_texts(list(TOY_CORPUS.values()), ids=list(TOY_CORPUS))
+    examples = [{"id": topic, "question": question, "response": "<answer>yes</answer>", "gold_passage_ids": [topic]}
+                for topic, question in TOY_QUESTIONS.items()]
+    assert min(len(hits) for hits in retriever.search([ex["question"] for ex in examples], 8)) < 3
+    collator = RAREDataCollator(make_tokenizer(), retriever=retriever, k=3, num_distractors=2, p_keep_gold=0.5,
+                                distractor_pool=8, max_length=4096)
+    for epoch in range(3):
+        collator.set_epoch(epoch)
+        for ex in examples:
+            encoded = collator.encode(ex)
+            # every prompt shows 3 passages (the gold one or not), all different
+            assert len(encoded.passage_ids) == len(set(encoded.passage_ids)) == 3
+            assert len({p.text for p in encoded.passages}) == 3
+            assert encoded.passage_ids == collator.encode(ex).passage_ids  # a function of seed, example, epoch
+    # without a corpus to draw from, a short candidate list is an error that says so, not a shorter prompt
+    given = {**examples[0], "passages": [{"id": "aspirin", "text": TOY_CORPUS["aspirin"]},
+                                         {"id": "statin", "text": TOY_CORPUS["statin"]}]}
+    with pytest.raises(ValueError, match="no corpus to draw them from"):
+        RAREDataCollator(make_tokenizer(), k=3, num_distractors=2, max_length=4096).encode(given)
 
 
 def test_evaluation_settings_choose_passages():

@@ -115,7 +115,11 @@ class RAREDataCollator:
         on_overflow: ``"error"`` (raise :class:`ExampleTooLongError`) or ``"drop"`` (skip the example, count it
             in :attr:`num_dropped` and warn) for examples that do not fit even without passages.
         num_distractors: Enables RAFT: show the gold passages (kept with probability ``p_keep_gold``) plus this
-            many distractors sampled from the retrieved / given non-gold passages. ``None`` disables RAFT.
+            many distractors sampled from the retrieved / given non-gold passages (a dropped gold passage is
+            replaced by one more, so every RAFT prompt shows as many passages). When the candidates run out (BM25
+            returns only passages that share a word with the query), the rest are drawn at random from the
+            retriever's corpus; without a corpus to draw from, that example raises ``ValueError``. ``None``
+            disables RAFT.
         p_keep_gold: Probability of keeping the gold passages of an example (RAFT's ``P``).
         distractor_pool: How many top-ranked candidates distractors are sampled from (default ``k +
             num_distractors``).
@@ -436,11 +440,29 @@ class RAREDataCollator:
                 wanted = self.num_distractors + (0 if keep_gold else len(golds))
                 n = min(wanted, len(others))
                 picks = sorted(rng.choice(len(others), size=n, replace=False).tolist()) if n else []
-                ranked = (golds if keep_gold else []) + [others[j] for j in picks]
+                distractors = [others[j] for j in picks]
+                if n < wanted:
+                    distractors += self._random_distractors(wanted - n, rng, shown_texts, gold_set, key)
+                ranked = (golds if keep_gold else []) + distractors
         display = list(range(len(ranked)))
         if self.shuffle_passages and len(ranked) > 1:
             display = self._rng(("shuffle", key)).permutation(len(ranked)).tolist()
         return ranked, display
+
+    def _random_distractors(self, n: int, rng: np.random.Generator, shown_texts: set[str], gold_ids: set[str],
+                            key: Any) -> list[RetrievedPassage]:
+        """``n`` RAFT distractors drawn at random from the retriever's corpus (not gold, no text shown already)."""
+        if not hasattr(self.retriever, "random_passages"):
+            raise ValueError(f"RAFT needs {n} more distractor(s) for example {key!r} than its non-gold candidates "
+                             "give, and the collator has no corpus to draw them from: give the example more "
+                             "passages, lower num_distractors, or pass a BM25Retriever / DenseRetriever")
+        # drawn with margin: a drawn passage may repeat a text already in the prompt
+        drawn = self.retriever.random_passages(n + len(shown_texts), rng, exclude=gold_ids)
+        out = self._unique_texts(drawn, shown_texts)[:n]
+        if len(out) < n:
+            raise ValueError(f"the corpus has too few distinct passages for {self.num_distractors} RAFT "
+                             f"distractors (example {key!r}): lower num_distractors")
+        return out
 
     def _cache_passage_ids(self, texts: Sequence[str]) -> None:
         """Tokenise (once per process, in one tokenizer call) the passage texts not seen before."""

@@ -116,6 +116,14 @@ class _CorpusLookup:
             out.append(RetrievedPassage(str(pid), self._text(row)))
         return out
 
+    def random_passages(self, n: int, rng: np.random.Generator, exclude: Iterable[str] = ()) -> list[RetrievedPassage]:
+        """Up to ``n`` passages drawn uniformly without replacement from the corpus, none with an id in ``exclude``
+        (RAFT's random distractors, when the ranked candidates run out)."""
+        exclude = set(exclude)
+        size = min(len(self._ids), n + len(exclude))
+        rows = rng.choice(len(self._ids), size=size, replace=False)
+        return [RetrievedPassage(self._ids[r], self._text(int(r))) for r in rows if self._ids[r] not in exclude][:n]
+
     def __len__(self) -> int:
         return len(self._ids)
 
