@@ -1,15 +1,16 @@
-"""One-off: carry the stored ``rare_knowledge`` runs over the collator's ``encode_batch_fast`` change.
+"""Carry the stored ``rare_knowledge`` runs over a change to ``rare_data`` that leaves their encodings the same.
 
-That change alters one file, ``src/rare_data/collator.py``, and there only *how* token ids are computed (the Rust
-tokenizer's ``encode_batch_fast`` in place of the tokenizer's ``__call__``). It still changes the code hash in every
-run identity, so the run store would recompute hours of runs whose inputs are the same ids. A run depends on the
-collator only through those ids, so this script keeps a stored run when, for that run's data and settings, every text
-the collator tokenises (every training example of every epoch, every test prompt, original and edited corpus) gets
-the same ids both ways. Only then does it write the current identity into the JSON, with ``identity_carried_over``
-recording the code hash the run was made with and why. It refuses a run whose identity differs in anything but the
-code, whose code is not that of ``--made-at``, and any carry-over when code besides the collator changed since.
+Any change to ``src/`` changes the code hash in every run identity, so the run store would recompute hours of runs
+whose model inputs did not change. A run depends on ``rare_data`` only through what its collators produce, so this
+script keeps a stored run when, for that run's data and settings, every collator output (every training batch of
+every epoch, every test prompt, original and edited corpus) is the same with the ``rare_data`` of ``--made-at``
+(imported from ``git archive``) as with the current one. Only then does it write the current identity into the JSON,
+with ``identity_carried_over`` recording the code hash the run was made with. It refuses a run whose identity differs
+in anything but the code or whose code is not that of ``--made-at``, and any carry-over when code outside
+``src/rare_data/`` changed since. A run whose outputs differ (e.g. RAFT after a change to its sampling) is left
+alone: the grid reruns it.
 
-    python -m benchmarks.carry_over_rare_runs benchmarks/results/rare_knowledge/cpu/grid-3ep --made-at a3c9f6b
+    python -m benchmarks.carry_over_rare_runs benchmarks/results/rare_knowledge/cpu/grid-3ep --made-at 14f9217
 """
 
 from __future__ import annotations
@@ -23,27 +24,35 @@ from io import BytesIO
 from pathlib import Path
 from unittest import mock
 
+import torch
+
+import rare_data
 from benchmarks import common
 from benchmarks import rare_knowledge as rk
 from benchmarks import rare_knowledge_data as rkd
-from rare_data import ChoiceScorer, RAREDataCollator
+from benchmarks.bench_collator import load_baseline
+from rare_data import ChoiceScorer
 
-CHANGED_FILE = "src/rare_data/collator.py"
-NOTE = ("carried over the collator's encode_batch_fast change: every text the collator tokenises for this run gets "
-        "the same token ids as with the code it was made with (benchmarks/carry_over_rare_runs.py)")
+CHANGED_PACKAGE = "src/rare_data/"
+
+
+def git_archive(commit: str, paths, into: str) -> None:
+    archive = subprocess.run(["git", "-C", str(common.REPO_ROOT), "archive", commit, *paths], check=True,
+                             capture_output=True).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as files:
+        files.extractall(into, filter="data")
 
 
 def code_hash_at(commit: str) -> str:
-    """The run identity's code hash of ``rare_knowledge`` at ``commit``; fails unless only the collator changed."""
-    git = ["git", "-C", str(common.REPO_ROOT)]
-    changed = subprocess.run([*git, "diff", "--name-only", commit, "--", *rk.KNOWLEDGE_CODE], check=True,
-                             capture_output=True, text=True).stdout.split()
-    changed = [f for f in changed if f.endswith(".py") and "results" not in Path(f).parts]
-    if changed != [CHANGED_FILE]:
-        raise SystemExit(f"code changed since {commit}: {changed}; this carry-over covers {CHANGED_FILE} only")
-    archive = subprocess.run([*git, "archive", commit, *rk.KNOWLEDGE_CODE], check=True, capture_output=True).stdout
-    with tempfile.TemporaryDirectory() as tree, tarfile.open(fileobj=BytesIO(archive)) as files:
-        files.extractall(tree, filter="data")
+    """The run identity's code hash of ``rare_knowledge`` at ``commit``; fails unless only rare_data changed."""
+    changed = subprocess.run(["git", "-C", str(common.REPO_ROOT), "diff", "--name-only", commit, "--",
+                              *rk.KNOWLEDGE_CODE], check=True, capture_output=True, text=True).stdout.split()
+    outside = [f for f in changed if f.endswith(".py") and "results" not in Path(f).parts
+               and not f.startswith(CHANGED_PACKAGE)]
+    if outside:
+        raise SystemExit(f"code outside {CHANGED_PACKAGE} changed since {commit}: {outside}; rerun the runs instead")
+    with tempfile.TemporaryDirectory() as tree:
+        git_archive(commit, rk.KNOWLEDGE_CODE, tree)
         common.code_fingerprint.cache_clear()  # it is cached per path list, and the tree differs here
         try:
             with mock.patch.object(common, "REPO_ROOT", Path(tree)):
@@ -52,8 +61,9 @@ def code_hash_at(commit: str) -> str:
             common.code_fingerprint.cache_clear()
 
 
-def replay_encodings(training: str, test: str, args) -> None:
-    """Every collator encoding the run of (``training``, ``test``) makes, as ``rare_knowledge.main`` makes them."""
+def replay_encodings(training: str, test: str, args, package=rare_data) -> list:
+    """Every collator output the run of (``training``, ``test``) makes, in order, as ``rare_knowledge.main`` makes
+    them, with the collator and prompt template of ``package`` (a copy of ``rare_data``)."""
     data, _ = rk.load_or_generate(args)
     test_rows = rk.first(data["test.jsonl"], args.max_test)
     in_test = {r["id"] for r in test_rows}
@@ -62,30 +72,38 @@ def replay_encodings(training: str, test: str, args) -> None:
     retrievers = {name: rk.retriever_for(corpus) for name, corpus in corpora.items()}
     questions = {"original": test_rows, "edited": rk.flipped_questions(test_rows, edits, True)}
     tokenizer = common.load_tokenizer(args.model)
+    outputs = []
 
-    setting = rk.TRAININGS[training]
-    if setting is not None:
-        raft = setting == "raft"
-        collator = rk.make_collator(tokenizer, retrievers["original"], args, "retrieval" if raft else setting, raft)
-        rows = rk.with_response(rk.first(data["train.jsonl"], args.max_train), args.response_format)
-        kept = [r for r in rows if collator.fits(r)]
-        for r in kept:
-            collator.encode(r)
-        for epoch in range(math.ceil(args.epochs)):
-            collator.set_epoch(epoch)
-            for start in range(0, len(kept), args.batch_size):
-                collator(kept[start:start + args.batch_size])
+    def encoded(e):
+        return None if e is None else (e.input_ids, e.labels, e.prompt_length, e.passage_ids)
 
-    collator_setting, corpus, _ = rk.TESTS[test]
-    scorer = ChoiceScorer(tokenizer, rk.ANSWERS, prefix="<answer>")
-    reserve = (args.rationale_tokens if args.response_format == "rationale-answer" else 0) + scorer.max_new_tokens
-    tests = [(corpus, questions[corpus])]
-    if corpus == "edited":
-        tests.append(("original", rk.flipped_questions(test_rows, edits, False)))
-    for corpus_name, rows in tests:
-        collator = rk.make_collator(tokenizer, retrievers[corpus_name], args, collator_setting)
-        for r in rows:
-            collator.encode_prompt(r, max_new_tokens=reserve)
+    with mock.patch.object(rk, "RAREDataCollator", package.RAREDataCollator), \
+            mock.patch.object(rk, "PromptTemplate", package.PromptTemplate):
+        setting = rk.TRAININGS[training]
+        if setting is not None:
+            raft = setting == "raft"
+            collator = rk.make_collator(tokenizer, retrievers["original"], args, "retrieval" if raft else setting,
+                                        raft)
+            rows = rk.with_response(rk.first(data["train.jsonl"], args.max_train), args.response_format)
+            kept = [r for r in rows if collator.fits(r)]
+            outputs += [encoded(collator.encode(r)) for r in kept]
+            for epoch in range(math.ceil(args.epochs)):
+                collator.set_epoch(epoch)
+                for start in range(0, len(kept), args.batch_size):
+                    batch = collator(kept[start:start + args.batch_size])
+                    outputs.append({key: value.tolist() for key, value in batch.items()
+                                    if isinstance(value, torch.Tensor)})
+
+        collator_setting, corpus, _ = rk.TESTS[test]
+        scorer = ChoiceScorer(tokenizer, rk.ANSWERS, prefix="<answer>")
+        reserve = (args.rationale_tokens if args.response_format == "rationale-answer" else 0) + scorer.max_new_tokens
+        tests = [(corpus, questions[corpus])]
+        if corpus == "edited":
+            tests.append(("original", rk.flipped_questions(test_rows, edits, False)))
+        for corpus_name, rows in tests:
+            collator = rk.make_collator(tokenizer, retrievers[corpus_name], args, collator_setting)
+            outputs += [encoded(collator.encode_prompt(r, max_new_tokens=reserve)) for r in rows]
+    return outputs
 
 
 def main(argv=None) -> None:
@@ -95,20 +113,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     old_hash = code_hash_at(args.made_at)
     store = common.RunStore(args.folder)
+    with tempfile.TemporaryDirectory() as tree:
+        git_archive(args.made_at, [CHANGED_PACKAGE], tree)
+        old_package = load_baseline(str(Path(tree) / CHANGED_PACKAGE))
+        carry_over(store, args.folder, args.made_at, old_hash, old_package)
 
-    fast_ids = RAREDataCollator._ids_batch
-    checked = {"texts": 0}
 
-    def ids_checked_against_the_tokenizer_call(self, texts):
-        ids = fast_ids(self, texts)
-        if ids != (self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []):
-            raise SystemExit("a text gets other token ids than the tokenizer's own call gives: nothing carried over "
-                             "from here on; rerun the runs instead")
-        checked["texts"] += len(texts)
-        return ids
-
+def carry_over(store: common.RunStore, folder: str, made_at: str, old_hash: str, old_package) -> None:
+    """Give every stored run made at ``made_at`` whose collator outputs ``old_package`` reproduces the current identity."""
     for result in store.load(where=lambda r: "training" in r and common.IDENTITY_KEY in r):
-        run_args = argparse.Namespace(**result["config"], output_dir=args.folder)
+        run_args = argparse.Namespace(**result["config"], output_dir=folder)
         identity = rk.identity_of(result["training"], result["test"], run_args, result["data_sha256"])
         name = rk.run_name(identity)
         stored = result[common.IDENTITY_KEY]
@@ -118,14 +132,19 @@ def main(argv=None) -> None:
         differences = common._differences(stored["config"], identity["config"])
         if len(differences) != 1 or not differences[0].startswith("code.sha256") or \
                 stored["config"]["code"]["sha256"] != old_hash:
-            raise SystemExit(f"{name}: not made with the code of {args.made_at} or not only the code differs: "
+            raise SystemExit(f"{name}: not made with the code of {made_at} or not only the code differs: "
                              f"{differences}")
-        with mock.patch.object(RAREDataCollator, "_ids_batch", ids_checked_against_the_tokenizer_call):
-            replay_encodings(result["training"], result["test"], run_args)
+        new = replay_encodings(result["training"], result["test"], run_args)
+        if new != replay_encodings(result["training"], result["test"], run_args, old_package):
+            print(f"left alone (its collator outputs changed; the grid reruns it): {name}", flush=True)
+            continue
         carried = {k: v for k, v in result.items() if k != common.IDENTITY_KEY}
-        carried["identity_carried_over"] = {"from_code_sha256": old_hash, "made_at": args.made_at, "why": NOTE}
+        carried["identity_carried_over"] = {
+            "from_code_sha256": old_hash, "made_at": made_at, "earlier": result.get("identity_carried_over"),
+            "why": f"every collator output of this run ({len(new)}) is the same with the rare_data of {made_at} "
+                   "and the current one (benchmarks/carry_over_rare_runs.py)"}
         store.save(name, carried, identity)
-        print(f"carried over: {name} ({checked['texts']} texts checked so far)", flush=True)
+        print(f"carried over: {name} ({len(new)} collator outputs compared)", flush=True)
 
 
 if __name__ == "__main__":
