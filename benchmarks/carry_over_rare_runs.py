@@ -120,7 +120,8 @@ def main(argv=None) -> None:
 
 
 def carry_over(store: common.RunStore, folder: str, made_at: str, old_hash: str, old_package) -> None:
-    """Give every stored run made at ``made_at`` whose collator outputs ``old_package`` reproduces the current identity."""
+    """Give the current identity to every stored run made at ``made_at`` whose collator outputs ``old_package``
+    reproduces."""
     for result in store.load(where=lambda r: "training" in r and common.IDENTITY_KEY in r):
         run_args = argparse.Namespace(**result["config"], output_dir=folder)
         identity = rk.identity_of(result["training"], result["test"], run_args, result["data_sha256"])

@@ -3,9 +3,10 @@
 First, per response format, one matrix: a row per (training, adapter), a column per test condition, each cell the
 accuracy's mean ± standard deviation over the seeds run (their number in brackets).
 
-Then the paired differences. Two runs that differ in one field and agree on all others (response format, seed, and the rest of training, test
-and adapter) answered the same questions, so their difference is measured per question: the mean of
-(first right) - (second right), with the runner's bootstrap 95 % interval over the questions. Compared:
+Then the paired differences. Two runs that differ in one field and agree on all others (response format, seed,
+and the rest of training, test and adapter) answered the same questions, so their difference is measured per
+question: the mean of (first right) - (second right), with the runner's bootstrap 95 % interval over the questions.
+Compared:
 
 - RARE minus closed-book SFT, RAFT minus plain RARE (training; same test, adapter, seed);
 - SSMLoRA minus peft LoRA (adapter; same training, test, seed);
@@ -129,8 +130,9 @@ def report(folder: Path) -> str:
     pairs = table(results)
     if not pairs:
         raise SystemExit(f"{folder} holds no two runs that differ in one compared field on the same questions")
-    return (accuracy_matrix(results).lstrip("\n") + "\nPaired accuracy differences (points) between runs on the same questions; bootstrap 95 % interval over "
-            "the questions, 10,000 resamples; seed \"all\" pools the seeds (`python -m benchmarks.rare_paired`).\n"
+    return (accuracy_matrix(results).lstrip("\n")
+            + "\nPaired accuracy differences (points) between runs on the same questions; bootstrap 95 % interval "
+            "over the questions, 10,000 resamples; seed \"all\" pools the seeds (`python -m benchmarks.rare_paired`).\n"
             + pairs)
 
 
