@@ -40,12 +40,12 @@ COMPARISONS = [
     ("oracle passages minus BM25 at test", "test", "oracle", "bm25"),
 ]
 KEY = ("response_format", "training", "test", "method_label", "seed")
-TRAININGS = ("zs", "sft_closed", "rare", "rare_raft")  # the order of the matrix's rows
-TESTS = ("closed_book", "bm25", "oracle", "bm25_edited", "oracle_edited")  # and of its columns
 
 
-def _order(value: str, known: tuple[str, ...]) -> tuple[int, str]:
-    return (known.index(value) if value in known else len(known), value)
+def _order(value: str, known: dict) -> tuple[int, str]:
+    """Sort key: the runner's own order of its trainings / test conditions (``known``), unknown names last."""
+    order = list(known)
+    return (order.index(value) if value in known else len(order), value)
 
 
 def accuracy_matrix(results: list[dict]) -> str:
@@ -57,8 +57,8 @@ def accuracy_matrix(results: list[dict]) -> str:
     text = ""
     for response_format in sorted({key[0] for key in accuracies}):
         keys = [key for key in accuracies if key[0] == response_format]
-        tests = sorted({key[3] for key in keys}, key=lambda t: _order(t, TESTS))
-        rows = sorted({key[1:3] for key in keys}, key=lambda row: (_order(row[0], TRAININGS), row[1]))
+        tests = sorted({key[3] for key in keys}, key=lambda t: _order(t, rk.TESTS))
+        rows = sorted({key[1:3] for key in keys}, key=lambda row: (_order(row[0], rk.TRAININGS), row[1]))
         cells = []
         for training, method in rows:
             cells.append([training, method])
