@@ -15,6 +15,9 @@ Compared:
 When a comparison is made in more than one seed, a row with seed "all" follows: the questions of those seeds
 pooled (each seed is its own generated world, so its questions are new ones).
 
+Only runs made by this checkout's code and package versions are read (those a rerun of the grid would skip); any
+other run in the folder is named at the top of the report and left out, so a table never mixes stale runs in.
+
     python -m benchmarks.rare_paired benchmarks/results/rare_knowledge/cpu/grid-3ep   # writes paired.md there
 """
 
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import rare_knowledge as rk
-from benchmarks.common import markdown_table, write_text_atomic
+from benchmarks.common import IDENTITY_KEY, code_fingerprint, markdown_table, package_versions, write_text_atomic
 
 # (title, the field that differs, first, second); every other field of KEY is held equal
 COMPARISONS = [
@@ -104,14 +107,39 @@ def paired_differences(results: list[dict], side: str, first: str, second: str, 
     return rows + [row(key, np.concatenate(diffs)) for key, diffs in over_seeds.items() if len(diffs) > 1]
 
 
-def load_results(folder: Path) -> list[dict]:
-    """The folder's result JSONs that kept their per-question predictions."""
-    results = []
+def current_code_and_versions() -> dict:
+    """The code and package versions a result's identity must record to be current (the runner's own fields)."""
+    return {"code": {"paths": list(rk.KNOWLEDGE_CODE), "sha256": code_fingerprint(rk.KNOWLEDGE_CODE)},
+            "versions": package_versions()}
+
+
+def load_results(folder: Path) -> tuple[list[dict], list[str]]:
+    """The folder's current result JSONs that kept their per-question predictions, and one line per result left
+    out because another code or package version made it (its file name and why)."""
+    current = current_code_and_versions()
+    results, left_out = [], []
     for path in sorted(folder.glob("*.json")):
         result = json.loads(path.read_text())
-        if result.get("per_question"):
+        if not result.get("per_question"):
+            continue
+        made_with = result.get(IDENTITY_KEY, {}).get("config", {})
+        stale = [label for field, label in (("code", "code"), ("versions", "package versions"))
+                 if made_with.get(field) != current[field]]
+        if stale:
+            left_out.append(f"`{path.name}`: made with other {' and '.join(stale)}")
+        else:
             results.append({**result, "_file": path.name})
-    return results
+    return results, left_out
+
+
+def left_out_note(left_out: list[str]) -> str:
+    """The report's opening lines on the runs left out (empty when none was)."""
+    if not left_out:
+        return ""
+    return (f"**Left out: {len(left_out)} run(s) made with other code or package versions than this checkout's** "
+            "(a rerun of the grid's command redoes them; `python -m benchmarks.carry_over_rare_runs` carries runs over "
+            "a change inside src/rare_data that leaves their collator outputs unchanged):\n\n"
+            + "".join(f"- {line}\n" for line in left_out) + "\n")
 
 
 def table(results: list[dict]) -> str:
@@ -126,11 +154,11 @@ def table(results: list[dict]) -> str:
 
 
 def report(folder: Path) -> str:
-    results = load_results(folder)
+    results, left_out = load_results(folder)
     pairs = table(results)
     if not pairs:
-        raise SystemExit(f"{folder} holds no two runs that differ in one compared field on the same questions")
-    return (accuracy_matrix(results).lstrip("\n")
+        raise SystemExit(f"{folder} holds no two current runs that differ in one compared field on the same questions")
+    return (left_out_note(left_out) + accuracy_matrix(results).lstrip("\n")
             + "\nPaired accuracy differences (points) between runs on the same questions; bootstrap 95 % interval "
             "over the questions, 10,000 resamples; seed \"all\" pools the seeds (`python -m benchmarks.rare_paired`).\n"
             + pairs)

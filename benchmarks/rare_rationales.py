@@ -30,7 +30,7 @@ from pathlib import Path
 
 from benchmarks import rare_knowledge as rk
 from benchmarks.common import markdown_table
-from benchmarks.rare_paired import folder_report_main, load_results
+from benchmarks.rare_paired import folder_report_main, left_out_note, load_results
 
 HEADER = ["training", "test", "method", "seed", "n", "accuracy", "target right", "driver right", "both right",
           "both right on 'no' questions", "answer follows its rationale", "accuracy when both right"]
@@ -93,9 +93,10 @@ def percent(part: int, whole: int) -> str:
 
 
 def table(folder: Path) -> str:
-    results = [r for r in load_results(folder) if r.get("response_format") == "rationale-answer"]
+    results, left_out = load_results(folder)
+    results = [r for r in results if r.get("response_format") == "rationale-answer"]
     if not results:
-        raise SystemExit(f"{folder} holds no rationale-first results (--response-format rationale-answer)")
+        raise SystemExit(f"{folder} holds no current rationale-first results (--response-format rationale-answer)")
     cache: dict = {}
     rows = []
     for result in sorted(results, key=lambda r: (r["training"], r["test"], r["method_label"], r["seed"])):
@@ -105,7 +106,7 @@ def table(folder: Path) -> str:
                      percent(c["both"], c["n"]), f"{percent(c['both_on_no'], c['no'])} (of {c['no']})",
                      f"{percent(c['follows'], c['stated'])} (of {c['stated']})",
                      f"{percent(c['both_correct'], c['both'])} (of {c['both']})"])
-    return ("Facts in the rationales of rationale-first runs (%), checked against the generated world "
+    return (left_out_note(left_out) + "Facts in the rationales of rationale-first runs (%), checked against the generated world "
             "(`python -m benchmarks.rare_rationales`):\n\n" + markdown_table(HEADER, rows) + "\n")
 
 

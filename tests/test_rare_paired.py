@@ -8,14 +8,18 @@ import pytest
 
 from benchmarks import rare_paired as rp
 
+CURRENT = rp.current_code_and_versions()
+
 
 def _result(right, training="rare", test="bm25", method="ssmlora", seed=0, response_format="answer-rationale",
             first_id=0):
-    """A run that answered questions q<first_id>, q<first_id + 1>, ... right where ``right`` is 1."""
+    """A run of this checkout's code that answered questions q<first_id>, q<first_id + 1>, ... right where
+    ``right`` is 1."""
     return {"training": training, "test": test, "method_label": method, "seed": seed,
             "response_format": response_format, "accuracy": sum(right) / len(right),
             "per_question": [{"id": f"q{first_id + i}", "gold": "yes", "pred": "yes" if ok else "no"}
-                             for i, ok in enumerate(right)]}
+                             for i, ok in enumerate(right)],
+            "run_identity": {"config": CURRENT}}
 
 
 def _write(folder, results):
@@ -82,7 +86,26 @@ def test_the_accuracy_matrix_has_a_row_per_setting_and_a_column_per_test():
 
 def test_a_folder_without_pairs_is_refused(tmp_path):
     _write(tmp_path, [_result([1, 0]), _result([1, 1], response_format="rationale-answer")])
-    with pytest.raises(SystemExit, match="no two runs that differ in one compared field"):
+    with pytest.raises(SystemExit, match="no two current runs that differ in one compared field"):
         rp.main([str(tmp_path)])
     with pytest.raises(SystemExit, match="is not a folder"):
         rp.main([str(tmp_path / "missing")])
+
+
+def test_runs_of_other_code_or_package_versions_are_named_and_left_out(tmp_path):
+    stale_code = _result([0, 0, 0, 0], training="sft_closed")
+    stale_code["run_identity"] = {"config": {**CURRENT, "code": {**CURRENT["code"], "sha256": "0" * 64}}}
+    stale_versions = _result([0, 0, 0, 0], training="rare_raft")
+    stale_versions["run_identity"] = {"config": {**CURRENT, "versions": {**CURRENT["versions"], "torch": "0.1"}}}
+    no_identity = _result([0, 0, 0, 0], test="closed_book")
+    del no_identity["run_identity"]
+    _write(tmp_path, [_result([1, 1, 1, 0]), _result([1, 0, 0, 0], method="lora"),
+                      stale_code, stale_versions, no_identity])
+    text = rp.main([str(tmp_path)])
+    assert text.startswith("**Left out: 3 run(s) made with other code or package versions")
+    assert "- `run2.json`: made with other code\n" in text
+    assert "- `run3.json`: made with other package versions\n" in text
+    assert "- `run4.json`: made with other code and package versions\n" in text
+    # only the two current runs are compared: no SFT, RAFT or closed-book column or comparison
+    assert "SSMLoRA minus peft LoRA" in text and "RARE minus closed-book SFT" not in text
+    assert "sft_closed" not in text.split("Left out")[1].split("\n\n", 2)[2] and "closed_book |" not in text

@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks import rare_knowledge_data as rkd
 from benchmarks import rare_rationales as rr
+from benchmarks.rare_paired import current_code_and_versions
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,8 @@ def _result(folder, name, test, per_question, sha256, response_format="rationale
     config = {"data_dir": None, "seed": 0, "train_drugs": recipe.train_drugs, "test_drugs": recipe.test_drugs,
               "drugs_per_target": recipe.drugs_per_target, "edit_fraction": recipe.edit_fraction}
     result = {"training": "rare", "test": test, "method_label": "ssmlora", "seed": 0, "config": config,
-              "response_format": response_format, "data_sha256": sha256, "per_question": per_question}
+              "response_format": response_format, "data_sha256": sha256, "per_question": per_question,
+              "run_identity": {"config": current_code_and_versions()}}
     (folder / f"{name}.json").write_text(json.dumps(result))
 
 
@@ -75,5 +77,5 @@ def test_results_from_other_data_or_formats_are_refused(world, tmp_path):
         rr.main([str(tmp_path)])
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(SystemExit, match="no rationale-first results"):
+    with pytest.raises(SystemExit, match="no current rationale-first results"):
         rr.main([str(empty)])
