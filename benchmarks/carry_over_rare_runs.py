@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import subprocess
-import tarfile
 import tempfile
-from io import BytesIO
 from pathlib import Path
 from unittest import mock
 
@@ -31,16 +29,10 @@ from benchmarks import common
 from benchmarks import rare_knowledge as rk
 from benchmarks import rare_knowledge_data as rkd
 from benchmarks.bench_collator import load_baseline
+from benchmarks.carry_over_runs import code_hash_in, git_archive
 from rare_data import ChoiceScorer
 
 CHANGED_PACKAGE = "src/rare_data/"
-
-
-def git_archive(commit: str, paths, into: str) -> None:
-    archive = subprocess.run(["git", "-C", str(common.REPO_ROOT), "archive", commit, *paths], check=True,
-                             capture_output=True).stdout
-    with tarfile.open(fileobj=BytesIO(archive)) as files:
-        files.extractall(into, filter="data")
 
 
 def code_hash_at(commit: str) -> str:
@@ -53,12 +45,7 @@ def code_hash_at(commit: str) -> str:
         raise SystemExit(f"code outside {CHANGED_PACKAGE} changed since {commit}: {outside}; rerun the runs instead")
     with tempfile.TemporaryDirectory() as tree:
         git_archive(commit, rk.KNOWLEDGE_CODE, tree)
-        common.code_fingerprint.cache_clear()  # it is cached per path list, and the tree differs here
-        try:
-            with mock.patch.object(common, "REPO_ROOT", Path(tree)):
-                return common.code_fingerprint(rk.KNOWLEDGE_CODE)
-        finally:
-            common.code_fingerprint.cache_clear()
+        return code_hash_in(Path(tree), rk.KNOWLEDGE_CODE)
 
 
 def replay_encodings(training: str, test: str, args, package=rare_data) -> list:
