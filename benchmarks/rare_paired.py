@@ -137,8 +137,9 @@ def left_out_note(left_out: list[str]) -> str:
     if not left_out:
         return ""
     return (f"**Left out: {len(left_out)} run(s) made with other code or package versions than this checkout's** "
-            "(a rerun of the grid's command redoes them; `python -m benchmarks.carry_over_rare_runs` carries runs over "
-            "a change inside src/rare_data that leaves their collator outputs unchanged):\n\n"
+            "(a rerun of the grid's command redoes them; `benchmarks.carry_over_runs` carries runs over changes to "
+            "comments and formatting only, `benchmarks.carry_over_rare_runs` over a change inside src/rare_data that "
+            "leaves their collator outputs unchanged):\n\n"
             + "".join(f"- {line}\n" for line in left_out) + "\n")
 
 

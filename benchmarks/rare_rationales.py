@@ -106,7 +106,8 @@ def table(folder: Path) -> str:
                      percent(c["both"], c["n"]), f"{percent(c['both_on_no'], c['no'])} (of {c['no']})",
                      f"{percent(c['follows'], c['stated'])} (of {c['stated']})",
                      f"{percent(c['both_correct'], c['both'])} (of {c['both']})"])
-    return (left_out_note(left_out) + "Facts in the rationales of rationale-first runs (%), checked against the generated world "
+    return (left_out_note(left_out)
+            + "Facts in the rationales of rationale-first runs (%), checked against the generated world "
             "(`python -m benchmarks.rare_rationales`):\n\n" + markdown_table(HEADER, rows) + "\n")
 
 
