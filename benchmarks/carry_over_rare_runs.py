@@ -29,7 +29,7 @@ from benchmarks import common
 from benchmarks import rare_knowledge as rk
 from benchmarks import rare_knowledge_data as rkd
 from benchmarks.bench_collator import load_baseline
-from benchmarks.carry_over_runs import code_hash_in, git_archive
+from benchmarks.carry_over_runs import code_hash_in, git_archive, save_carried_over
 from rare_data import ChoiceScorer
 
 CHANGED_PACKAGE = "src/rare_data/"
@@ -126,12 +126,9 @@ def carry_over(store: common.RunStore, folder: str, made_at: str, old_hash: str,
         if new != replay_encodings(result["training"], result["test"], run_args, old_package):
             print(f"left alone (its collator outputs changed; the grid reruns it): {name}", flush=True)
             continue
-        carried = {k: v for k, v in result.items() if k != common.IDENTITY_KEY}
-        carried["identity_carried_over"] = {
-            "from_code_sha256": old_hash, "made_at": made_at, "earlier": result.get("identity_carried_over"),
-            "why": f"every collator output of this run ({len(new)}) is the same with the rare_data of {made_at} "
-                   "and the current one (benchmarks/carry_over_rare_runs.py)"}
-        store.save(name, carried, identity)
+        save_carried_over(store, name, result, identity, made_at,
+                          f"every collator output of this run ({len(new)}) is the same with the rare_data of "
+                          f"{made_at} and the current one (benchmarks/carry_over_rare_runs.py)")
         print(f"carried over: {name} ({len(new)} collator outputs compared)", flush=True)
 
 

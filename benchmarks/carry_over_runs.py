@@ -73,6 +73,17 @@ def identity_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def save_carried_over(store: common.RunStore, name: str, result: dict, identity: dict, made_at: str,
+                      why: str) -> None:
+    """Store ``result`` under its new ``identity``, recording in ``identity_carried_over`` the code hash it was made
+    with, the commit, any earlier carry-over and ``why`` the change cannot have altered it."""
+    carried = {k: v for k, v in result.items() if k != common.IDENTITY_KEY}
+    carried["identity_carried_over"] = {
+        "from_code_sha256": result[common.IDENTITY_KEY]["config"]["code"]["sha256"], "made_at": made_at,
+        "earlier": result.get("identity_carried_over"), "why": why}
+    store.save(name, carried, identity)
+
+
 def carry_over(folder: Path, made_at: str) -> dict[str, list[str]]:
     """Carry every run in ``folder`` made at ``made_at`` whose code changed only in comments and formatting; returns
     the run names by outcome (``carried``, ``current``, ``left alone``: "<name>: <why>")."""
@@ -113,12 +124,9 @@ def carry_over(folder: Path, made_at: str) -> dict[str, list[str]]:
                 outcome["left alone"].append(f"{name}: {why}")
                 continue
             new_config = {**config, "code": {**config["code"], "sha256": now}}
-            carried = {k: v for k, v in result.items() if k != common.IDENTITY_KEY}
-            carried["identity_carried_over"] = {
-                "from_code_sha256": then, "made_at": made_at, "earlier": result.get("identity_carried_over"),
-                "why": f"every Python file of its code has the same syntax tree at {made_at} as now (only comments "
-                       "and formatting changed; benchmarks/carry_over_runs.py)"}
-            store.save(name, carried, {"hash": identity_hash(new_config), "config": new_config})
+            save_carried_over(store, name, result, {"hash": identity_hash(new_config), "config": new_config},
+                              made_at, f"every Python file of its code has the same syntax tree at {made_at} as "
+                              "now (only comments and formatting changed; benchmarks/carry_over_runs.py)")
             outcome["carried"].append(name)
     return outcome
 
