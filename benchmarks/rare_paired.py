@@ -15,6 +15,11 @@ Compared:
 When a comparison is made in more than one seed, a row with seed "all" follows: the questions of those seeds
 pooled (each seed is its own generated world, so its questions are new ones).
 
+Two test conditions of one trained model are usually scored after one training; when a later rerun trained the
+model again (a test condition added later, a stored run gone stale) the two runs may come from two trainings whose
+floats differ, e.g. on another machine's CPU. Such a difference is marked ‡ (told by the training losses each run
+recorded): it also holds the rerun's noise.
+
 Only runs made by this checkout's code and package versions are read (those a rerun of the grid would skip); any
 other run in the folder is named at the top of the report and left out, so a table never mixes stale runs in.
 
@@ -86,14 +91,16 @@ def paired_differences(results: list[dict], side: str, first: str, second: str, 
     so the table is reproducible). E.g. side="training", first="rare", second="sft_closed",
     group=("test", "method_label", "seed"). When ``group`` holds the seed, a row with seed "all" follows for each
     comparison made in more than one seed: the questions of those seeds pooled."""
-    correct = defaultdict(dict)
+    correct, trainings = defaultdict(dict), defaultdict(dict)
     for r in results:
-        correct[tuple(r[field] for field in group)][r[side]] = {
-            q["id"]: float(q["pred"] == q["gold"]) for q in r["per_question"]}
+        key = tuple(r[field] for field in group)
+        correct[key][r[side]] = {q["id"]: float(q["pred"] == q["gold"]) for q in r["per_question"]}
+        trainings[key][r[side]] = training_losses(r)
 
-    def row(key: tuple, diff: np.ndarray) -> list[str]:
+    def row(key: tuple, diff: np.ndarray, two_trainings: bool) -> list[str]:
         low, high = rk.bootstrap_ci(diff, lambda idx: diff[idx].mean(), resamples)
-        return [*map(str, key), str(len(diff)), f"{100 * diff.mean():+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"]
+        return [*map(str, key), str(len(diff)),
+                f"{100 * diff.mean():+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]" + (" ‡" if two_trainings else "")]
 
     rows, over_seeds = [], defaultdict(list)
     for key, by_side in sorted(correct.items()):
@@ -101,10 +108,22 @@ def paired_differences(results: list[dict], side: str, first: str, second: str, 
             continue
         ids = sorted(by_side[first].keys() & by_side[second].keys())
         diff = np.array([by_side[first][i] - by_side[second][i] for i in ids])
-        rows.append(row(key, diff))
+        # only two test conditions of one trained model should share a training
+        two_trainings = side == "test" and trainings[key][first] != trainings[key][second]
+        rows.append(row(key, diff, two_trainings))
         if "seed" in group:
-            over_seeds[tuple("all" if field == "seed" else value for field, value in zip(group, key))].append(diff)
-    return rows + [row(key, np.concatenate(diffs)) for key, diffs in over_seeds.items() if len(diffs) > 1]
+            pooled = tuple("all" if field == "seed" else value for field, value in zip(group, key))
+            over_seeds[pooled].append((diff, two_trainings))
+    return rows + [row(key, np.concatenate([diff for diff, _ in parts]), any(two for _, two in parts))
+                   for key, parts in over_seeds.items() if len(parts) > 1]
+
+
+def training_losses(result: dict) -> tuple | None:
+    """What tells one training from another of the same setting and seed: its first, last and mean training loss
+    (None for a run that trained nothing)."""
+    if not result.get("trained", "train_loss_first" in result):
+        return None
+    return tuple(result.get(field) for field in ("train_loss_first", "train_loss_last", "train_loss_mean"))
 
 
 def current_code_and_versions() -> dict:
@@ -151,6 +170,9 @@ def table(results: list[dict]) -> str:
         if paired:
             header = [*(field.removesuffix("_label") for field in group), "n", "difference (points)"]
             text += f"\n{title}, on the same questions:\n\n" + markdown_table(header, paired) + "\n"
+            if any(row[-1].endswith("‡") for row in paired):
+                text += ("\n‡ the two runs come from two trainings of that model (a rerun trained it again; their "
+                         "training losses differ), so the difference also holds the rerun's noise.\n")
     return text
 
 

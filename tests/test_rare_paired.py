@@ -109,3 +109,29 @@ def test_runs_of_other_code_or_package_versions_are_named_and_left_out(tmp_path)
     # only the two current runs are compared: no SFT, RAFT or closed-book column or comparison
     assert "SSMLoRA minus peft LoRA" in text and "RARE minus closed-book SFT" not in text
     assert "sft_closed" not in text.split("Left out")[1].split("\n\n", 2)[2] and "closed_book |" not in text
+
+
+def test_test_conditions_scored_after_two_trainings_of_one_model_are_marked(tmp_path):
+    # the closed-book run of this RARE model came from a retraining whose floats differ (e.g. another machine)
+    losses = {"trained": True, "train_loss_first": 1.6138934, "train_loss_last": 0.0159, "train_loss_mean": 0.2355}
+    retrained = {**losses, "train_loss_first": 1.6139004}
+    bm25 = {**_result([1, 1, 1, 0]), **losses}
+    same_training = {**_result([0, 1, 0, 0], test="closed_book"), **losses}
+    other_training = {**_result([0, 1, 0, 0], test="closed_book"), **retrained}
+    group = ("training", "method_label", "seed")
+    rows = rp.paired_differences([bm25, same_training], "test", "bm25", "closed_book", group, 200)
+    assert not rows[0][-1].endswith("‡")
+    rows = rp.paired_differences([bm25, other_training], "test", "bm25", "closed_book", group, 200)
+    assert rows[0][-1].startswith("+50.0 [") and rows[0][-1].endswith("‡")
+    # two adapters are always two trainings: nothing to mark there
+    lora = {**_result([1, 1, 1, 1], method="lora"), **retrained}
+    rows = rp.paired_differences([bm25, lora], "method_label", "ssmlora", "lora", ("training", "test", "seed"), 200)
+    assert not rows[0][-1].endswith("‡")
+    # the pooled row carries the mark of any seed in it, and the report explains the mark
+    seed1 = [{**_result([1, 1], seed=1), **losses}, {**_result([0, 0], test="closed_book", seed=1), **losses}]
+    _write(tmp_path, [bm25, other_training, *seed1])
+    text = rp.main([str(tmp_path)])
+    assert "| answer-rationale | rare | ssmlora | 1 | 2 | +100.0 [+100.0, +100.0] |" in text
+    assert "| answer-rationale | rare | ssmlora | all | 6 | +66.7 [" in text
+    pooled = next(line for line in text.splitlines() if "| ssmlora | all | 6 |" in line)
+    assert pooled.endswith("‡ |") and "‡ the two runs come from two trainings" in text
