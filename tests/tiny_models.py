@@ -31,10 +31,11 @@ def tiny_gpt2(layers: int = 4, seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-def tiny_llama(layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(layers: int = 4, seed: int = 0, hidden_size: int = 32, intermediate_size: int = 48) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64)
     return LlamaForCausalLM(config).eval()
 
 
