@@ -118,11 +118,9 @@ def paired_differences(results: list[dict], side: str, first: str, second: str, 
                    for key, parts in over_seeds.items() if len(parts) > 1]
 
 
-def training_losses(result: dict) -> tuple | None:
+def training_losses(result: dict) -> tuple:
     """What tells one training from another of the same setting and seed: its first, last and mean training loss
-    (None for a run that trained nothing)."""
-    if not result.get("trained", "train_loss_first" in result):
-        return None
+    (all None for a run that trained nothing, which records none)."""
     return tuple(result.get(field) for field in ("train_loss_first", "train_loss_last", "train_loss_mean"))
 
 
