@@ -9,19 +9,22 @@
 # Resumable: finished runs are skipped. From the repo root:
 #   nohup bash benchmarks/grids/glue_ablation.sh > /tmp/glue_ablation.log 2>&1 &
 # Knobs: TASK, TRAIN_N, SEL_N, EPOCHS, RATES, SEEDS, OUT, DATA, MODEL (a local folder; default the offline MiniLM-L6)
-# and PARALLEL=1: the rate-selection runs (one per rate), then the seeds, run as concurrent processes (two on this
-# CPU with OMP_NUM_THREADS=1; many on a GPU, see glue_ablation_gpu.sh). A seed's four methods stay in one process.
+# and PARALLEL=1: the rate-selection runs (one per rate), then the seeds, run as concurrent processes of one thread each
+# (OMP_NUM_THREADS=1 unless set; many on a GPU, see glue_ablation_gpu.sh). A seed's four methods stay in one process.
 set -euo pipefail
 # OpenMP threads that spin while waiting make every step several times slower on a shared CPU.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+# Concurrent runs (PARALLEL=1) take one thread each unless told otherwise: more threads than cores slow every run.
+if [ "${PARALLEL:-0}" = 1 ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
 DATA=${DATA:-../shared/data/glue}
 TASK=${TASK:-sst2}
 # Defaults: the first SST-2 grid (6,000 train examples, one epoch, rates {1e-3, 2e-3}). The full protocol
 # is, per task (TRAIN_N = the full train set except SST-2; EPOCHS must let LoRA leave the majority class):
 #   TASK=sst2 TRAIN_N=20000 RATES="5e-4 1e-3 2e-3" OUT=benchmarks/results/glue/cpu/ablation-sst2-20k
 #   TASK=cola TRAIN_N=8551 SEL_N=4000 EPOCHS=3 RATES="5e-4 1e-3 2e-3" OUT=benchmarks/results/glue/cpu/ablation-cola
-#   TASK=rte  TRAIN_N=2490 EPOCHS=3 RATES="5e-4 1e-3 2e-3" SEL_N=2490   and likewise mrpc (3668)
-#   (RTE at 3 epochs left every method near the majority class: it needs more, see RESULTS.md)
+#   TASK=mrpc TRAIN_N=3668 SEL_N=3668 EPOCHS=3 RATES="5e-4 1e-3 2e-3" OUT=benchmarks/results/glue/cpu/ablation-mrpc
+#   TASK=rte  TRAIN_N=2490 SEL_N=2490 EPOCHS=10 RATES="5e-4 1e-3 2e-3" OUT=benchmarks/results/glue/cpu/ablation-rte-10ep
+#   (RTE at 3 epochs, ablation-rte/, left every method near the majority class; see RESULTS.md)
 # Cost on this project's 2-core CPU, one thread per job (OMP_NUM_THREADS=1, two jobs side by side), train
 # examples/s measured with --throughput-steps (ssmlora / lora): SST-2 35 / 31 (27 inside the grid), CoLA 47 / 48,
 # MRPC 14 / 12, RTE 7.7 / 6.9. So one 3-epoch cell (4 methods x 3 seeds) takes ~1.8 h for CoLA (measured: 1.7 h,
