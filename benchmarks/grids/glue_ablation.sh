@@ -9,8 +9,9 @@
 # Resumable: finished runs are skipped. From the repo root:
 #   nohup bash benchmarks/grids/glue_ablation.sh > /tmp/glue_ablation.log 2>&1 &
 # Knobs: TASK, TRAIN_N, SEL_N, EPOCHS, RATES, SEEDS, OUT, DATA, MODEL (a local folder; default the offline MiniLM-L6)
-# and PARALLEL=1: the rate-selection runs (one per rate), then the seeds, run as concurrent processes of one thread each
-# (OMP_NUM_THREADS=1 unless set; many on a GPU, see glue_ablation_gpu.sh). A seed's four methods stay in one process.
+# and PARALLEL=1: the rate-selection runs (one per rate), then the seeds, run as concurrent processes of one thread
+# each (OMP_NUM_THREADS=1 unless set; many on a GPU, see glue_ablation_gpu.sh). A seed's four methods stay in one
+# process.
 set -euo pipefail
 # OpenMP threads that spin while waiting make every step several times slower on a shared CPU.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
@@ -30,7 +31,8 @@ TASK=${TASK:-sst2}
 # MRPC 14 / 12, RTE 7.7 / 6.9. So one 3-epoch cell (4 methods x 3 seeds) takes ~1.8 h for CoLA (measured: 1.7 h,
 # plus 21 min of rate selection), ~2.8 h for MRPC, ~3.4 h for RTE (measured with
 # PARALLEL=1: 2.3 h of both cores, selection included), and SST-2 at 20,000 examples ~2.5 h, plus the rate
-# selection; minutes per task on a GPU.
+# selection; RTE at 10 epochs: 36-39 min per selection run two side by side (9.7-10.4 examples/s), so ~2 h of both
+# cores for the selection and ~4.5 h for the seeds; minutes per task on a GPU.
 TRAIN_N=${TRAIN_N:-6000}
 SEL_N=${SEL_N:-4000}
 EPOCHS=${EPOCHS:-1}
