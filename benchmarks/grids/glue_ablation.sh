@@ -32,7 +32,7 @@ TASK=${TASK:-sst2}
 # plus 21 min of rate selection), ~2.8 h for MRPC, ~3.4 h for RTE (measured with
 # PARALLEL=1: 2.3 h of both cores, selection included), and SST-2 at 20,000 examples ~2.5 h, plus the rate
 # selection; RTE at 10 epochs: 36-39 min per selection run two side by side (9.7-10.4 examples/s), so ~2 h of both
-# cores for the selection and ~4.5 h for the seeds; minutes per task on a GPU.
+# cores for the selection and ~4 h for the seeds (measured: 38-41 min a run); minutes per task on a GPU.
 TRAIN_N=${TRAIN_N:-6000}
 SEL_N=${SEL_N:-4000}
 EPOCHS=${EPOCHS:-1}
