@@ -24,12 +24,12 @@ CARD=$("$PY" -c "from benchmarks.common import device_tag; print(device_tag())")
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   "$PY" -c "import torch, triton, peft, transformers; print('torch', torch.__version__, '| triton', triton.__version__, '| peft', peft.__version__, '| transformers', transformers.__version__)"
   timeout "${TEST_TIMEOUT:-120}" "$PY" -m pytest -q -p no:cacheprovider -rf \
-    tests/test_kernel_step.py tests/test_kernel_reference_gradcheck.py tests/test_kernel_e2e.py
+    tests/step_kernels/test_kernel_step.py tests/step_kernels/test_kernel_reference_gradcheck.py tests/step_kernels/test_kernel_e2e.py
 } 2>&1 | tee "$OUT/pytest.txt" | tail -25
 test_rc=$?
 # QLoRA on the GPU: bitsandbytes' CUDA 4-bit/8-bit layers under the compiled Triton step (on CPU the tests run
 # bitsandbytes' CPU backend and the interpreted kernels). They skip, saying so, when bitsandbytes is not installed.
-timeout "${QLORA_TIMEOUT:-120}" "$PY" -m pytest -q -p no:cacheprovider -rfs tests/test_ssmlora_stack.py \
+timeout "${QLORA_TIMEOUT:-120}" "$PY" -m pytest -q -p no:cacheprovider -rfs tests/tuner/test_ssmlora_stack.py \
   -k "bitsandbytes or qlora" 2>&1 | tee -a "$OUT/pytest.txt" | tail -8
 qlora_rc=$?
 

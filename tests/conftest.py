@@ -2,6 +2,13 @@
 
 `TRITON_INTERPRET=1` must be set before any module defining Triton kernels is imported, so it is set here, at
 collection time, whenever no CUDA device is present: the Triton kernels then run on CPU tensors.
+
+Layout: `tuner/` (the peft method), `step_kernels/` (the step's reference and Triton kernel), `rare/` (`rare_data`),
+`bench/` (the benchmark runners); shared helpers (`tiny_models`, `rare_fixtures`) sit here, importable from every
+folder because pytest puts this conftest's folder on `sys.path`. The folders are not named after the packages they
+test (`rare_data`, `kernels`, `benchmarks`): without `__init__.py` a folder of that name on `sys.path` would shadow
+the package as a namespace package (and a `kernels` one would make transformers believe Hugging Face's `kernels`
+is installed).
 """
 
 import os
@@ -32,9 +39,9 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
-    """A 2-layer Llama (hidden 64) with the tiny BPE chat tokenizer of test_rare_fixtures, saved so that
+    """A 2-layer Llama (hidden 64) with the tiny BPE chat tokenizer of rare_fixtures, saved so that
     `from_pretrained` loads it: the model the benchmark runners' pipeline tests run on (read only)."""
-    from test_rare_fixtures import make_tokenizer
+    from rare_fixtures import make_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("tiny_llama")

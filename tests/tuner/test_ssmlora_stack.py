@@ -31,12 +31,14 @@ def logits(model, ids=IDS) -> torch.Tensor:
 
 def test_fsdp_two_processes_match_one_process(tmp_path):
     """FSDP1 with peft's wrap policy (each SSMLoRA matrix its own FSDP unit, as under Trainer) and FSDP2, on the
-    PyTorch and the Triton step: two gloo processes give one process's losses and weights (tests/fsdp_worker.py)."""
+    PyTorch and the Triton step: two gloo processes give one process's losses and weights (tests/tuner/fsdp_worker.py)."""
     # Imported here, not at the top: it needs `datasets`, which the GPU machine may lack.
     from test_ssmlora_training import free_port
 
     out = tmp_path / "results.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # PYTHONPATH: the worker imports tiny_models from the tests folder
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS.parent), os.environ.get("PYTHONPATH")]))}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           str(free_port()), str(TESTS / "fsdp_worker.py"), str(out)],
                          env=env, capture_output=True, text=True, timeout=600)
@@ -254,7 +256,7 @@ def test_qlora_trains_the_same_on_the_torch_and_the_triton_step(saved_llama, bit
 
 
 def trl_model_and_tokenizer():
-    from test_rare_fixtures import make_tokenizer
+    from rare_fixtures import make_tokenizer
 
     tokenizer = make_tokenizer()
     model = tiny_llama()

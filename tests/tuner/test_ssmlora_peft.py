@@ -70,7 +70,7 @@ def test_loading_without_the_plugin_says_to_import_it(tmp_path):
         "from peft import PeftModel\n"
         f"PeftModel.from_pretrained(tiny_bert(), {str(tmp_path)!r})\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
                                                                      os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode != 0

@@ -140,7 +140,7 @@ def test_non_reentrant_checkpointing_gives_the_same_gradients(state_grad):
 
 
 def test_reentrant_checkpointing_is_refused_with_full_state_gradients():
-    """With detached states it is exact (tests/test_ssmlora_reliability.py)."""
+    """With detached states it is exact (tests/tuner/test_ssmlora_reliability.py)."""
     model = get_peft_model(tiny_llama(), SSMLoRAConfig(r=4, state_grad="full"))
     model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.train()
@@ -200,9 +200,9 @@ def free_port() -> int:
 def test_ddp_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(DDP_SCRIPT.format(out=str(tmp_path / "run")))
-    # PYTHONPATH: the script imports this module and tiny_models from the tests folder
+    # PYTHONPATH: the script imports this module (tests/tuner) and tiny_models (tests)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH")]))}
     single = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",

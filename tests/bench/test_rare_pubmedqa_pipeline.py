@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_rare_fixtures import make_tokenizer
+from rare_fixtures import make_tokenizer
 
 import benchmarks.rare_pubmedqa as rp
 from rare_data import BM25Retriever, load_pubmedqa
@@ -285,7 +285,7 @@ def test_answer_scorer_sums_surface_variants_and_matches_brute_force(tiny_llama_
 
 def test_smollm2_answers_are_single_tokens_after_the_tag():
     """The CPU grid relies on the one-pass scorer: yes / no / maybe are one token each after `<answer>`."""
-    from test_rare_fixtures import smollm2_tokenizer
+    from rare_fixtures import smollm2_tokenizer
 
     scorer = rp.AnswerScorer(smollm2_tokenizer())
     assert scorer.fast

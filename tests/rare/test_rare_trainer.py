@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_rare_fixtures import TOY_CORPUS, make_tokenizer, toy_examples
+from rare_fixtures import TOY_CORPUS, make_tokenizer, toy_examples
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from rare_data import BM25Retriever, RAREDataCollator, RAREEpochCallback

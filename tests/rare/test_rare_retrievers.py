@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from test_rare_fixtures import TOY_CORPUS, TOY_QUESTIONS, make_tokenizer, toy_examples
+from rare_fixtures import TOY_CORPUS, TOY_QUESTIONS, make_tokenizer, toy_examples
 from torch.utils.data import DataLoader
 
 from rare_data import (

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from test_rare_fixtures import (
+from rare_fixtures import (
     BOS,
     EOS,
     EOT,
