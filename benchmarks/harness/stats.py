@@ -41,10 +41,10 @@ class Interval:
     def excludes_zero(self) -> bool:
         return self.low > 0 or self.high < 0
 
-    def text(self, scale: float = 1.0, digits: int = 2) -> str:
-        """E.g. "+1.26 [−0.91, +3.43]" (signed, with the minus sign of print)."""
+    def text(self, scale: float = 1.0, digits: int = 2, minus: str = "-") -> str:
+        """E.g. "+1.26 [-0.91, +3.43]"; `minus="−"` for prose (the minus sign of print)."""
         def signed(value: float) -> str:
-            return f"{scale * value:+.{digits}f}".replace("-", "−")
+            return f"{scale * value:+.{digits}f}".replace("-", minus)
         return f"{signed(self.estimate)} [{signed(self.low)}, {signed(self.high)}]"
 
 
@@ -65,12 +65,12 @@ class Comparison:
         """The interval to quote: over seeds where there are several, over examples for a single seed."""
         return self.seeds if self.seeds is not None else self.examples
 
-    def text(self, scale: float = 1.0, digits: int = 2) -> str:
-        """E.g. "+1.26 [−0.91, +3.43] (t over 3 seeds; examples only [+0.15, +2.33])"."""
+    def text(self, scale: float = 1.0, digits: int = 2, minus: str = "-") -> str:
+        """E.g. "+1.26 [-0.89, +3.41] (t over 3 seeds; examples only [+0.23, +2.29])"."""
         shown = self.primary()
-        text = f"{shown.text(scale, digits)} ({shown.kind}"
+        text = f"{shown.text(scale, digits, minus)} ({shown.kind}"
         if self.seeds is not None:
-            text += f"; examples only {self.examples.text(scale, digits).split(' ', 1)[1]}"
+            text += f"; examples only {self.examples.text(scale, digits, minus).split(' ', 1)[1]}"
         return text + ")"
 
 

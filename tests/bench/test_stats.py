@@ -16,7 +16,8 @@ def test_seed_t_interval_matches_the_hand_computation():
     assert (interval.low, interval.high) == pytest.approx((2 - half_width, 2 + half_width))  # [-0.484, +4.484]
     assert interval.kind == "t over 3 seeds"
     assert not interval.excludes_zero()
-    assert interval.text() == "+2.00 [−0.48, +4.48]"
+    assert interval.text() == "+2.00 [-0.48, +4.48]"
+    assert interval.text(scale=100, digits=0, minus="−") == "+200 [−48, +448]"
 
 
 def test_seed_t_interval_needs_two_seeds_and_handles_equal_differences():
@@ -68,7 +69,7 @@ def test_paired_comparison_reports_per_seed_differences_and_both_intervals():
     half_width = T_975_DF2 * 25 / np.sqrt(3)  # sample sd of 50, 25, 0 is 25
     assert (comparison.seeds.low, comparison.seeds.high) == pytest.approx((25 - half_width, 25 + half_width))
     assert comparison.primary() is comparison.seeds
-    assert comparison.text().startswith("+25.00 [−37.10, +87.10] (t over 3 seeds; examples only [")
+    assert comparison.text().startswith("+25.00 [-37.10, +87.10] (t over 3 seeds; examples only [")
     one_seed = stats.paired_comparison([(first[0], second, labels)], resamples=300)
     assert one_seed.seeds is None and one_seed.primary() is one_seed.examples
 
