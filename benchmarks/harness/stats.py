@@ -13,6 +13,11 @@ Two intervals are reported for each difference:
   the trained models held fixed. It answers "would these very models differ on other test examples?", not "would
   the methods differ after another training?", and is the only interval a single seed allows.
 
+Where the seeds share one test set (GLUE's dev set) the seed-to-seed spread leaves out that set's own sampling noise,
+which all seeds share, so the t-interval can be the narrower of the two; where every seed has its own test set (the
+knowledge benchmark generates a world per seed) it holds both. Hence the rule the reports follow: a difference is
+called established only when every interval it has excludes 0 (`Comparison.established`).
+
 One AUC (`auc`, scikit-learn's) for every runner. Everything here is plain numpy / scipy / scikit-learn, with no
 dependency on the runners, so a report can be rebuilt from stored JSONs alone (`python -m benchmarks.harness.claims`).
 """
@@ -60,6 +65,10 @@ class Comparison:
     @property
     def mean(self) -> float:
         return float(np.mean(self.per_seed))
+
+    def established(self) -> bool:
+        """Every interval excludes 0: the seeds' (training noise) and the examples' (the test set's noise)."""
+        return self.examples.excludes_zero() and (self.seeds is None or self.seeds.excludes_zero())
 
     def primary(self) -> Interval:
         """The interval to quote: over seeds where there are several, over examples for a single seed."""

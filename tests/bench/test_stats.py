@@ -69,9 +69,13 @@ def test_paired_comparison_reports_per_seed_differences_and_both_intervals():
     half_width = T_975_DF2 * 25 / np.sqrt(3)  # sample sd of 50, 25, 0 is 25
     assert (comparison.seeds.low, comparison.seeds.high) == pytest.approx((25 - half_width, 25 + half_width))
     assert comparison.primary() is comparison.seeds
+    assert not comparison.established()  # the t-interval spans 0
     assert comparison.text().startswith("+25.00 [-37.10, +87.10] (t over 3 seeds; examples only [")
     one_seed = stats.paired_comparison([(first[0], second, labels)], resamples=300)
     assert one_seed.seeds is None and one_seed.primary() is one_seed.examples
+    assert not one_seed.established()  # 4 examples: a resample may hold only the 2 where both methods agree
+    always_right = stats.paired_comparison([(labels, 1 - labels, labels)] * 2, same_examples=True, resamples=300)
+    assert always_right.established() and always_right.seeds.text() == "+100.00 [+100.00, +100.00]"
 
 
 def test_auc_counts_ordered_pairs_and_ties_half():
