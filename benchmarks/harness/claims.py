@@ -33,10 +33,11 @@ def results_dir(*candidates: str) -> Path:
     raise SystemExit(f"none of these result folders exists: {', '.join(candidates)}; run from a full checkout")
 
 
-def suite_dir(suite: str, old: str, relative: str) -> Path:
-    """A study folder under the suites layout (current, then archive) or today's `benchmarks/results/<old>/`."""
+def suite_dir(suite: str, relative: str, before_suites: str) -> Path:
+    """A study folder of a suite, current or archived, or where it was before the suites layout
+    (`benchmarks/results/<before_suites>`)."""
     return results_dir(f"benchmarks/{suite}/results/{relative}", f"benchmarks/{suite}/results/archive/{relative}",
-                       f"benchmarks/results/{old}/{relative}")
+                       f"benchmarks/results/{before_suites}")
 
 
 def established(comparison: stats.Comparison) -> str:
@@ -61,7 +62,7 @@ GLUE_METHODS = ("ssmlora", "lora", "lora-sparse", "lora-half")
 
 
 def glue_study(title: str, study: str) -> None:
-    folder = suite_dir("glue", "glue", f"cpu/{study}")
+    folder = suite_dir("glue", f"cpu/{study}", f"glue/cpu/{study}")
     runs = defaultdict(dict)  # method -> seed -> (run, predictions, labels)
     for path in sorted(folder.glob("*.json")):
         run = _load(path)
@@ -109,13 +110,13 @@ def rte_details(folder: Path, runs: dict) -> None:
 
 
 def glue_other() -> None:
-    cola = _load(next((suite_dir("glue", "glue", "cpu/ablation-cola") / "lr-select").glob("*.json")))
+    cola = _load(next((suite_dir("glue", "cpu/ablation-cola", "glue/cpu/ablation-cola") / "lr-select").glob("*.json")))
     print(f"\n## GLUE selection slices: CoLA held out {cola['dev_examples']['holdout']} sentences "
           f"(of a {cola['train_examples'] + cola['dev_examples']['holdout']}-sentence subset)")
-    throughput = _load(suite_dir("glue", "glue", "cpu/ablation-sst2") / "throughput-sst2-r8.json")["methods"]
+    throughput = _load(suite_dir("glue", "cpu/ablation-sst2", "glue/cpu/ablation-sst2") / "throughput-sst2-r8.json")["methods"]
     ratio = throughput["ssmlora"]["median_step_s"] / throughput["lora"]["median_step_s"]
     print(f"  SST-2 training step, methods interleaved (median of 25 steps): SSMLoRA / LoRA {ratio:.2f}")
-    runs = [_load(p) for p in suite_dir("glue", "glue", "cpu/lr2e-3-large-kaiming").glob("*.json")]
+    runs = [_load(p) for p in suite_dir("glue", "cpu/lr2e-3-large-kaiming", "glue/cpu/lr2e-3-large-kaiming").glob("*.json")]
     for method in ("ssmlora", "lora"):
         per_task = defaultdict(list)
         for run in runs:
@@ -184,7 +185,7 @@ def knowledge_edit(runs: dict, training: str, method: str) -> None:
 
 
 def rare_knowledge() -> None:
-    folder = suite_dir("rare_knowledge", "rare_knowledge", "cpu/grid-3ep")
+    folder = suite_dir("rare_knowledge", "cpu/grid-3ep", "rare_knowledge/cpu/grid-3ep")
     runs = rare_runs(folder)
     print(f"\n## RARE knowledge ({folder.relative_to(ROOT)}), rationale first, 3 epochs: accuracy %, mean ± sd over "
           "seeds (100 questions per seed)")
@@ -221,9 +222,8 @@ def rare_knowledge() -> None:
             same = {t: losses(runs[("rationale-answer", "rare", t, method, seed)]) == bm25
                     for t in ("closed_book", "oracle", "bm25_edited", "oracle_edited")}
             print(f"    {method} seed {seed}: " + ", ".join(f"{t} {'same' if s else 'OTHER'}" for t, s in same.items()))
-    rerun = results_dir("benchmarks/rare_knowledge/results/archive/cpu/grid-3ep/rerun-seed2-other-machine",
-                        "benchmarks/rare_knowledge/results/cpu/grid-3ep/rerun-seed2-other-machine",
-                        "benchmarks/results/rare_knowledge/cpu/grid-3ep/rerun-seed2-other-machine")
+    rerun = suite_dir("rare_knowledge", "cpu/grid-3ep/rerun-seed2-other-machine",
+                      "rare_knowledge/cpu/grid-3ep/rerun-seed2-other-machine")
     for (fmt, training, test, method, seed), run in sorted(rare_runs(rerun).items()):
         matches = losses(run) == losses(runs[(fmt, training, "closed_book", method, seed)])
         print(f"  seed-2 retraining ({rerun.name}): {training} {method} {test} {100 * run['accuracy']:.1f} "
@@ -254,8 +254,7 @@ H100_RUNS = ("h100_run1_quick.csv", "h100_run2_bf16w.csv", "h100_run3_bf16w.csv"
 
 
 def h100_step() -> None:
-    folder = results_dir("benchmarks/speed/results/step/nvidia-h100-80gb-hbm3",
-                         "benchmarks/results/bench_step/nvidia-h100-80gb-hbm3")
+    folder = suite_dir("speed", "step/nvidia-h100-80gb-hbm3", "bench_step/nvidia-h100-80gb-hbm3")
     ms = defaultdict(dict)  # tokens -> (run, provider) -> median ms
     for name in H100_RUNS:
         for row in csv.DictReader((folder / name).open()):
@@ -271,7 +270,7 @@ def h100_step() -> None:
 
 
 def cpu_model_step() -> None:
-    folder = results_dir("benchmarks/speed/results/model/cpu", "benchmarks/results/bench_model/cpu")
+    folder = suite_dir("speed", "model/cpu", "bench_model/cpu")
     ratios = [float(row["y_50"]) for row in csv.DictReader((folder / "bench_model_cpu.csv").open())
               if row["provider"] == "ssmlora-torch" and row["metric_name"] == "step_time_ratio_vs_lora"]
     print(f"\n## Whole training step, CPU small preset ({folder.relative_to(ROOT)}): SSMLoRA / LoRA step time "
@@ -281,7 +280,7 @@ def cpu_model_step() -> None:
 # ---- PubMedQA -----------------------------------------------------------------------------------------------------
 
 def pubmedqa() -> None:
-    folder = suite_dir("rare_pubmedqa", "rare_pubmedqa", "cpu")
+    folder = suite_dir("rare_pubmedqa", "cpu", "rare_pubmedqa/cpu")
     print(f"\n## PubMedQA ({folder.relative_to(ROOT)}), SmolLM2-135M + SSMLoRA, 150 test questions, one seed: "
           "accuracy %, RARE − SFT (examples only)")
     for init in ("gaussian", "kaiming"):
