@@ -159,14 +159,14 @@ def rare_paired(runs: dict, title: str, first: tuple, second: tuple, method: str
             marks.append(seed)
     comparison = stats.paired_comparison(pairs)
     mark = f"  ‡ two trainings in seeds {marks}" if marks else ""
-    print(f"  {title} ({method}): per seed {', '.join(f'{d:+.1f}' for d in comparison.per_seed)}  "
+    print(f"  {title} ({method}, {sum(len(a) for a, _, _ in pairs)} questions): per seed {', '.join(f'{d:+.1f}' for d in comparison.per_seed)}  "
           f"{comparison.text(digits=1, minus=MINUS)}{established(comparison)}{mark}")
 
 
-def knowledge_edit(runs: dict, training: str, method: str) -> None:
+def knowledge_edit(runs: dict, training: str, method: str) -> list[np.ndarray]:
     """On the questions the edit flipped: right before (original corpus, BM25), answers that follow the edit among
-    those right before, and right both before and after."""
-    both_per_seed, counts = [], np.zeros(4, dtype=int)
+    those right before, and right both before and after (returned per seed, question by question in id order)."""
+    both_per_seed, counts, both_right = [], np.zeros(4, dtype=int), []
     for seed in sorted({k[4] for k in runs}):
         before = runs[("rationale-answer", training, "bm25", method, seed)]
         after = runs[("rationale-answer", training, "bm25_edited", method, seed)]
@@ -177,11 +177,14 @@ def knowledge_edit(runs: dict, training: str, method: str) -> None:
         changed = [q for q in flipped if q["pred"] != was[q["id"]]["pred"]]
         counts += [len(flipped), len(right_before), len(follows), len(changed)]
         both_per_seed.append(100 * len(follows) / len(flipped))
+        following = {q["id"] for q in follows}
+        both_right.append(np.array([float(q["id"] in following) for q in sorted(flipped, key=lambda q: q["id"])]))
     n, before, follows, changed = counts
     print(f"  edit, {training} {method}: {n} flipped questions; answer changed on {changed}; right before "
           f"{before}; of those, follow the edit {follows} ({100 * follows / before:.1f} %); right before and after "
           f"{follows}/{n} = {100 * follows / n:.1f} % pooled, per seed {' / '.join(f'{x:.1f}' for x in both_per_seed)}"
           f" (mean ± sd {mean_sd(both_per_seed)})")
+    return both_right
 
 
 def rare_knowledge() -> None:
@@ -212,9 +215,12 @@ def rare_knowledge() -> None:
     comparison = stats.paired_comparison(pairs)
     print(f"  SSMLoRA − LoRA, RARE, BM25: per seed {', '.join(f'{d:+.1f}' for d in comparison.per_seed)}  "
           f"{comparison.text(digits=1, minus=MINUS)}")
-    for training in ("rare", "sft_closed"):
-        for method in ("ssmlora", "lora"):
-            knowledge_edit(runs, training, method)
+    for method in ("ssmlora", "lora"):
+        rare, sft = (knowledge_edit(runs, training, method) for training in ("rare", "sft_closed"))
+        comparison = stats.paired_comparison([(a, b, np.ones(len(a))) for a, b in zip(rare, sft)])
+        print(f"  edit, RARE − SFT right before and after ({method}): per seed "
+              f"{', '.join(f'{d:+.1f}' for d in comparison.per_seed)}  {comparison.text(digits=1, minus=MINUS)}"
+              f"{established(comparison)}")
     print("  which training scored each test condition of RARE (same first/last/mean training loss as the BM25 row?):")
     for method in ("ssmlora", "lora"):
         for seed in (0, 1, 2):
@@ -242,7 +248,7 @@ def rare_knowledge() -> None:
         print(f"  RARE: BM25 − closed-book at test, both rows from one training in every seed (seed 2: the "
               f"retraining's BM25 row) ({method}): per seed {', '.join(f'{d:+.1f}' for d in comparison.per_seed)}  "
               f"{comparison.text(digits=1, minus=MINUS)}{established(comparison)}")
-    print("  answer first (seed 0, 100 questions; one seed: examples only):")
+    print("  answer first (seed 0; one seed: examples only):")
     for method in ("ssmlora", "lora"):
         rare_paired(runs, "RARE − SFT, BM25 at test", ("rare", "bm25"), ("sft_closed", "bm25"), method,
                     fmt="answer-rationale")
