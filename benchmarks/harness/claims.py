@@ -271,16 +271,19 @@ def h100_step() -> None:
           f"Triton, median over the {len(H100_RUNS)} runs [range]")
     for tokens in (4096, 16384, 32768):
         ratios = [ms[tokens][name, "eager"] / ms[tokens][name, "triton"] for name in H100_RUNS]
+        compiled = ms[tokens][H100_RUNS[0], "compile"] / ms[tokens][H100_RUNS[0], "triton"]
         print(f"  {tokens:>6} tokens: {np.median(ratios):.2f}× [{min(ratios):.2f}–{max(ratios):.2f}]  "
-              f"(runs: {', '.join(f'{x:.2f}' for x in ratios)})")
+              f"(runs: {', '.join(f'{x:.2f}' for x in ratios)}); torch.compile / Triton, run 1 only: {compiled:.2f}×")
 
 
 def cpu_model_step() -> None:
     folder = suite_dir("speed", "model/cpu", "bench_model/cpu")
-    ratios = [float(row["y_50"]) for row in csv.DictReader((folder / "bench_model_cpu.csv").open())
-              if row["provider"] == "ssmlora-torch" and row["metric_name"] == "step_time_ratio_vs_lora"]
+    points = {(row["x_value"], row["mode"]): float(row["y_50"])
+              for row in csv.DictReader((folder / "bench_model_cpu.csv").open())
+              if row["provider"] == "ssmlora-torch" and row["metric_name"] == "step_time_ratio_vs_lora"}
     print(f"\n## Whole training step, CPU small preset ({folder.relative_to(ROOT)}): SSMLoRA / LoRA step time "
-          f"{min(ratios):.2f}–{max(ratios):.2f} over {len(ratios)} points (medians of 9 interleaved steps)")
+          f"{min(points.values()):.2f}–{max(points.values()):.2f} (medians of 9 interleaved steps): "
+          + ", ".join(f"{tokens} tokens {mode} {ratio:.2f}" for (tokens, mode), ratio in sorted(points.items())))
 
 
 # ---- PubMedQA -----------------------------------------------------------------------------------------------------
@@ -300,9 +303,16 @@ def pubmedqa() -> None:
                                                np.ones(len(ids)))])
         labels = [q["gold"] for q in runs["rare"]["per_question"]]
         majority = max(labels.count(x) for x in set(labels)) / len(labels)
-        print(f"  init {init} ({'the paper' if init == 'gaussian' else 'the current default'}'s): RARE "
+        print(f"  init {init} ({'the paper' if init == 'gaussian' else 'the current default'}'s A): RARE "
               f"{100 * runs['rare']['accuracy']:.1f}, SFT {100 * runs['sft_closed']['accuracy']:.1f}, majority class "
               f"{100 * majority:.1f}; RARE − SFT {comparison.text(digits=1, minus=MINUS)}")
+
+
+    for path in sorted(folder.glob("*.json")):
+        run = _load(path)
+        scored = [q for q in run["per_question"] if q.get("scores") and q["gold"] in ("yes", "no")]
+        value = stats.auc([q["scores"]["yes"] - q["scores"]["no"] for q in scored], [q["gold"] == "yes" for q in scored])
+        print(f"  {path.stem}: accuracy {100 * run['accuracy']:.1f}, yes/no AUC {value:.2f}")
 
 
 def main() -> None:
