@@ -81,8 +81,9 @@ def glue_study(title: str, study: str) -> None:
     for method in GLUE_METHODS:
         by_seed = runs[method]
         scores = [by_seed[s][0]["score"] for s in sorted(by_seed)]
-        params = by_seed[min(by_seed)][0]["trainable_params"]["adapter"]
-        print(f"  {method:<12} {params:>7,} adapter params  seeds {' / '.join(f'{x:.2f}' for x in scores)}  "
+        first = by_seed[min(by_seed)][0]
+        params, lr = first["trainable_params"]["adapter"], first["config"]["lr"]
+        print(f"  {method:<12} {params:>7,} adapter params  lr {lr:g}  seeds {' / '.join(f'{x:.2f}' for x in scores)}  "
               f"mean ± sd {mean_sd(scores)}")
     for other in GLUE_METHODS[1:]:
         seeds = sorted(runs["ssmlora"].keys() & runs[other].keys())
