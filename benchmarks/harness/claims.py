@@ -127,6 +127,21 @@ def glue_other() -> None:
               f"({len(per_task)} tasks, {max(map(len, per_task.values()))} seeds)")
 
 
+def glue_init() -> None:
+    """SST-2, 800 train examples, one epoch, lr 2e-3 (grid B and the investigation): SSMLoRA with the paper's A
+    (seeds 0-1 in grid B, 2-3 in more-seeds/) against kaiming A (init-kaiming/)."""
+    def accuracies(*studies: str, method: str = "ssmlora") -> str:
+        runs = {}
+        for study in studies:
+            for path in suite_dir("glue", f"cpu/{study}", f"glue/cpu/{study}").glob(f"sst2-{method}-r8-seed*.json"):
+                run = _load(path)
+                runs[run["config"]["seed"]] = run["score"]
+        return " / ".join(f"{runs[seed]:.2f}" for seed in sorted(runs))
+    print("\n## GLUE init of A, SST-2, 800 train examples, 1 epoch, seeds 0-3 (majority 50.92): SSMLoRA paper init "
+          f"{accuracies('lr2e-3', 'investigate/more-seeds')}; kaiming {accuracies('investigate/init-kaiming')}; "
+          f"LoRA {accuracies('lr2e-3', 'investigate/more-seeds', method='lora')}")
+
+
 # ---- RARE knowledge -----------------------------------------------------------------------------------------------
 
 def rare_runs(folder: Path) -> dict:
@@ -320,6 +335,7 @@ def main() -> None:
     for title, study in GLUE_STUDIES:
         glue_study(title, study)
     glue_other()
+    glue_init()
     rare_knowledge()
     h100_step()
     cpu_model_step()
