@@ -83,3 +83,15 @@ def test_auc_counts_ordered_pairs_and_ties_half():
     assert stats.auc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == pytest.approx(0.75)
     assert stats.auc([0.5, 0.5], [False, True]) == pytest.approx(0.5)
     assert stats.auc([0.1, 0.2], [True, True]) is None
+
+
+def test_claims_recompute_the_quoted_glue_intervals_from_the_stored_runs(capsys):
+    """The report script reads the stored SST-2 and MRPC runs (checking each score against its dev predictions) and
+    prints the intervals RESULTS.md quotes: SST-2's +1.26 spans 0 over seeds, MRPC's -3.70 excludes it both ways."""
+    from benchmarks.harness import claims
+
+    claims.glue_study("SST-2", "ablation-sst2-20k")
+    claims.glue_study("MRPC", "ablation-mrpc")
+    out = capsys.readouterr().out
+    assert "ssmlora − lora-sparse per seed +0.34, +1.38, +2.06  +1.26 [−0.89, +3.41] (t over 3 seeds;" in out
+    assert "−3.70 [−5.36, −2.04] (t over 3 seeds; examples only [−6.09, −1.14])  ESTABLISHED" in out
