@@ -47,7 +47,7 @@ class Interval:
         return self.low > 0 or self.high < 0
 
     def text(self, scale: float = 1.0, digits: int = 2, minus: str = "-") -> str:
-        """E.g. "+1.26 [-0.91, +3.43]"; `minus="−"` for prose (the minus sign of print)."""
+        """E.g. "+1.26 [-0.89, +3.41]"; `minus="−"` for prose (the minus sign of print)."""
         def signed(value: float) -> str:
             return f"{scale * value:+.{digits}f}".replace("-", minus)
         return f"{signed(self.estimate)} [{signed(self.low)}, {signed(self.high)}]"
