@@ -46,6 +46,7 @@ from benchmarks.glue_tasks import (
     majority_metrics,
     task_score,
 )
+from benchmarks.harness import stats
 
 # `lora-sparse` and `lora-half` are the two ablations of SSMLoRA's state path: LoRA on exactly SSMLoRA's modules
 # (q in even, v in odd layers) without the state, and LoRA on LoRA's modules at half the rank (SSMLoRA's parameter
@@ -493,58 +494,37 @@ def build_table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _resampled_scores(task: GlueTask, outputs: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """The task score on each bootstrap resample at once; row i of `weights` counts how often each dev example is
-    drawn. Classification metrics come from weighted confusion counts (as scikit-learn defines them, 0 where a
-    denominator is 0); regression correlations are computed resample by resample."""
-    if task.is_regression:
-        idx = [np.repeat(np.arange(len(labels)), w) for w in weights]
-        return np.array([task_score(task, compute_metrics(task, outputs[i], labels[i])) for i in idx])
-    n = weights.sum(1)
-    metrics = {"accuracy": 100 * weights @ (outputs == labels) / n}
-    if task.num_labels == 2:  # F1 (positive class 1) and MCC are GLUE's metrics of binary tasks only
-        tp, fp = weights @ ((outputs == 1) & (labels == 1)), weights @ ((outputs == 1) & (labels == 0))
-        fn, tn = weights @ ((outputs == 0) & (labels == 1)), weights @ ((outputs == 0) & (labels == 0))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            metrics["f1"] = np.nan_to_num(100 * 2 * tp / (2 * tp + fp + fn))
-            metrics["mcc"] = np.nan_to_num(100 * (tp * tn - fp * fn)
-                                           / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
-    return np.mean([metrics[m] for m in task.metrics], axis=0)
-
-
 def build_paired_differences(runs: list[dict], reference: str = "ssmlora", n_boot: int = 1000) -> str:
     """Markdown: `reference` minus each other adapter method, per task: the per-seed score differences (same seed,
-    same data) and a paired bootstrap 95 % interval of their mean, resampling dev examples (the same resample for
-    both methods and every seed). Only runs that stored their per-example dev outputs take part."""
-    rng = np.random.default_rng(0)
-    lines = [f"Paired differences, {reference} minus the other method (score points; per seed, then mean with a "
-             f"bootstrap 95 % interval over dev examples, {n_boot} resamples):", "",
-             "| task | vs method | per-seed differences | mean [95 % CI] |", "|---|---|---|---|"]
+    same data), their mean with a t 95 % interval over the seeds (the interval to quote: it holds the seed-to-seed
+    variance) and, beside it, a paired bootstrap 95 % interval over dev examples with the trained models fixed (the
+    same resample for both methods and every seed), both from `benchmarks.harness.stats`. Only runs that stored
+    their per-example dev outputs of a classification task take part."""
+    lines = [f"Paired differences, {reference} minus the other method (score points; per seed, then the mean with a "
+             f"t 95 % interval over the seeds, and a bootstrap 95 % interval over dev examples with the trained models "
+             f"fixed, {n_boot} resamples):", "",
+             "| task | vs method | per-seed differences | mean [95 % t over seeds] | [95 % over dev examples] |",
+             "|---|---|---|---|---|"]
     by_key = {(r["config"]["task"], r["config"]["method"], r["config"]["seed"]): r for r in runs
               # one dev set (MNLI's two are left out); selection runs (several rates per method) are no pairs
               if len(r.get("dev_predictions", {})) == 1 and r["config"].get("holdout_fraction") is None}
-    for t in [t for t in TASKS if any(k[0] == t for k in by_key)]:
-        task = TASKS[t]
+    for t in [t for t in TASKS if any(k[0] == t for k in by_key) and not TASKS[t].is_regression]:
         for other in ADAPTER_METHODS:
             if other == reference:
                 continue
             seeds = sorted(s for (tt, m, s) in by_key if tt == t and m == reference and (t, other, s) in by_key)
             if not seeds:
                 continue
-            pairs, diffs = [], []
+            pairs = []
             for seed in seeds:
                 a, b = by_key[(t, reference, seed)], by_key[(t, other, seed)]
                 (labels,) = a["dev_labels"].values()
                 (pa,), (pb,) = a["dev_predictions"].values(), b["dev_predictions"].values()
                 pairs.append((np.asarray(pa), np.asarray(pb), np.asarray(labels)))
-                diffs.append(a["score"] - b["score"])
-            n = len(pairs[0][2])
-            weights = rng.multinomial(n, np.full(n, 1 / n), size=n_boot)  # the same resamples for every seed
-            boot = np.mean([_resampled_scores(task, pa, y, weights) - _resampled_scores(task, pb, y, weights)
-                            for pa, pb, y in pairs], axis=0)
-            lo, hi = np.percentile(boot, [2.5, 97.5])
-            lines.append(f"| {t.upper()} | {other} | {', '.join(f'{d:+.2f}' for d in diffs)} | "
-                         f"{np.mean(diffs):+.2f} [{lo:+.2f}, {hi:+.2f}] |")
+            paired = stats.paired_comparison(pairs, TASKS[t].metrics, same_examples=True, resamples=n_boot)
+            over_seeds = paired.seeds.text() if paired.seeds else f"{paired.mean:+.2f} (one seed)"
+            lines.append(f"| {t.upper()} | {other} | {', '.join(f'{d:+.2f}' for d in paired.per_seed)} | "
+                         f"{over_seeds} | {paired.examples.text().split(' ', 1)[1]} |")
     return "\n".join(lines) + "\n"
 
 

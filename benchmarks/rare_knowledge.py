@@ -90,6 +90,7 @@ from benchmarks.common import (
     run_identity,
     write_text_atomic,
 )
+from benchmarks.harness.stats import auc  # the one AUC of every runner (scikit-learn's)
 from rare_data import BM25Retriever, ChoiceScorer, PromptTemplate, RAREDataCollator, RAREEpochCallback
 
 TRAININGS = {
@@ -345,19 +346,6 @@ def evaluate(model, tokenizer, retriever, rows: list[dict], args, collator_setti
         "answer_tag_rate": float(np.mean([w for _, w in rationales])) if rationale_first and kept else None,
         "eval_seconds": round(seconds, 1), "per_question": outputs,
     }
-
-
-def auc(margins: np.ndarray, labels: np.ndarray) -> float | None:
-    """ROC AUC of ``margins`` for ``labels`` (Mann-Whitney, ties count half); None without both classes.
-
-    Accuracy mostly measures a small model's yes/no bias; the AUC asks whether its preference moves in the right
-    direction question by question (0.5: no signal), whatever the bias.
-    """
-    pos, neg = margins[labels], margins[~labels]
-    if len(pos) == 0 or len(neg) == 0:
-        return None
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (len(pos) * len(neg)))
 
 
 def bootstrap_ci(values: np.ndarray, statistic, n_resamples: int, seed: int = 0) -> list[float] | None:

@@ -5,15 +5,16 @@ accuracy's mean ± standard deviation over the seeds run (their number in bracke
 
 Then the paired differences. Two runs that differ in one field and agree on all others (response format, seed,
 and the rest of training, test and adapter) answered the same questions, so their difference is measured per
-question: the mean of (first right) - (second right), with the runner's bootstrap 95 % interval over the questions.
+question: the mean of (first right) - (second right), with a bootstrap 95 % interval over the questions.
 Compared:
 
 - RARE minus closed-book SFT, RAFT minus plain RARE (training; same test, adapter, seed);
 - SSMLoRA minus peft LoRA (adapter; same training, test, seed);
 - BM25 passages minus closed-book, oracle passages minus BM25 (what each model makes of the passages at test).
 
-When a comparison is made in more than one seed, a row with seed "all" follows: the questions of those seeds
-pooled (each seed is its own generated world, so its questions are new ones).
+When a comparison is made in more than one seed, a row with seed "all" follows: the mean of the per-seed
+differences with a t 95 % interval over the seeds (the interval to quote: each seed is its own generated world and
+training), and beside it the bootstrap interval over all their questions with the trained models fixed.
 
 Two test conditions of one trained model are usually scored after one training; when a later rerun trained the
 model again (a test condition added later, a stored run gone stale) the two runs may come from two trainings whose
@@ -38,6 +39,7 @@ import numpy as np
 
 from benchmarks import rare_knowledge as rk
 from benchmarks.common import IDENTITY_KEY, code_fingerprint, markdown_table, package_versions, write_text_atomic
+from benchmarks.harness import stats
 
 # (title, the field that differs, first, second); every other field of KEY is held equal
 COMPARISONS = [
@@ -87,34 +89,37 @@ def accuracy_matrix(results: list[dict]) -> str:
 def paired_differences(results: list[dict], side: str, first: str, second: str, group: tuple[str, ...],
                        resamples: int = 10_000) -> list[list[str]]:
     """Accuracy of the results whose ``side`` field is ``first`` minus those where it is ``second``, on the same
-    questions, per value of the ``group`` fields, with the runner's bootstrap 95 % interval over questions (seeded,
-    so the table is reproducible). E.g. side="training", first="rare", second="sft_closed",
+    questions, per value of the ``group`` fields, with a bootstrap 95 % interval over the questions (seeded, so the
+    table is reproducible). E.g. side="training", first="rare", second="sft_closed",
     group=("test", "method_label", "seed"). When ``group`` holds the seed, a row with seed "all" follows for each
-    comparison made in more than one seed: the questions of those seeds pooled."""
+    comparison made in more than one seed: the mean of the per-seed differences with a t 95 % interval over the
+    seeds (each seed is its own generated world and training, so the seeds are the units), and beside it the
+    bootstrap interval over all their questions with the trained models fixed (`benchmarks.harness.stats`)."""
     correct, trainings = defaultdict(dict), defaultdict(dict)
     for r in results:
         key = tuple(r[field] for field in group)
         correct[key][r[side]] = {q["id"]: float(q["pred"] == q["gold"]) for q in r["per_question"]}
         trainings[key][r[side]] = training_losses(r)
 
-    def row(key: tuple, diff: np.ndarray, two_trainings: bool) -> list[str]:
-        low, high = rk.bootstrap_ci(diff, lambda idx: diff[idx].mean(), resamples)
-        return [*map(str, key), str(len(diff)),
-                f"{100 * diff.mean():+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]" + (" ‡" if two_trainings else "")]
+    def row(key: tuple, per_seed: list[np.ndarray], two_trainings: bool) -> list[str]:
+        # right-or-wrong per question as the "outputs", every label 1: accuracy is the share right
+        paired = stats.paired_comparison([(a, b, np.ones_like(a)) for a, b in per_seed], resamples=resamples)
+        text = paired.text(digits=1) if paired.seeds else paired.examples.text(digits=1)
+        return [*map(str, key), str(sum(len(a) for a, _ in per_seed)), text + (" ‡" if two_trainings else "")]
 
     rows, over_seeds = [], defaultdict(list)
     for key, by_side in sorted(correct.items()):
         if not {first, second} <= set(by_side):
             continue
         ids = sorted(by_side[first].keys() & by_side[second].keys())
-        diff = np.array([by_side[first][i] - by_side[second][i] for i in ids])
+        pair = (np.array([by_side[first][i] for i in ids]), np.array([by_side[second][i] for i in ids]))
         # only two test conditions of one trained model should share a training
         two_trainings = side == "test" and trainings[key][first] != trainings[key][second]
-        rows.append(row(key, diff, two_trainings))
+        rows.append(row(key, [pair], two_trainings))
         if "seed" in group:
             pooled = tuple("all" if field == "seed" else value for field, value in zip(group, key))
-            over_seeds[pooled].append((diff, two_trainings))
-    return rows + [row(key, np.concatenate([diff for diff, _ in parts]), any(two for _, two in parts))
+            over_seeds[pooled].append((pair, two_trainings))
+    return rows + [row(key, [pair for pair, _ in parts], any(two for _, two in parts))
                    for key, parts in over_seeds.items() if len(parts) > 1]
 
 
@@ -180,8 +185,10 @@ def report(folder: Path) -> str:
     if not pairs:
         raise SystemExit(f"{folder} holds no two current runs that differ in one compared field on the same questions")
     return (left_out_note(left_out) + accuracy_matrix(results).lstrip("\n")
-            + "\nPaired accuracy differences (points) between runs on the same questions; bootstrap 95 % interval "
-            "over the questions, 10,000 resamples; seed \"all\" pools the seeds (`python -m benchmarks.rare_paired`).\n"
+            + "\nPaired accuracy differences (points) between runs on the same questions; per seed a bootstrap 95 % "
+            "interval over the questions (10,000 resamples, the trained models fixed); seed \"all\": the mean of the "
+            "per-seed differences with a t 95 % interval over the seeds, then the bootstrap interval over all their "
+            "questions (`python -m benchmarks.rare_paired`).\n"
             + pairs)
 
 

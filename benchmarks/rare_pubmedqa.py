@@ -70,6 +70,7 @@ from benchmarks.common import (
     run_identity,
     write_text_atomic,
 )
+from benchmarks.harness import stats
 from rare_data import (
     BM25Retriever,
     ChoiceScorer,
@@ -298,15 +299,8 @@ def yes_no_auc(outputs: list[dict]) -> float | None:
     Accuracy mostly measures a small model's bias towards one answer; the AUC asks whether its preference moves in
     the right direction question by question (0.5: no signal), whatever the bias.
     """
-    margin = {"yes": [], "no": []}
-    for o in outputs:
-        if o.get("scores") and o["gold"] in margin:
-            margin[o["gold"]].append(o["scores"]["yes"] - o["scores"]["no"])
-    pos, neg = margin["yes"], margin["no"]
-    if not pos or not neg:
-        return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
+    scored = [o for o in outputs if o.get("scores") and o["gold"] in ("yes", "no")]
+    return stats.auc([o["scores"]["yes"] - o["scores"]["no"] for o in scored], [o["gold"] == "yes" for o in scored])
 
 
 def answer_nll(outputs: list[dict]) -> float | None:
