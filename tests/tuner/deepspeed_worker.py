@@ -221,14 +221,14 @@ def main(out_path: str) -> None:
         results["runs"][name] = (losses, adapter_weights(engine.module), probe_logits(engine))
         if name == "zero3-detach":
             save_zero3_adapter(engine, out.parent / name, rank)
-            results["saved"][name] = {way: out.parent / name / way for way in ("consolidated", "gathered")}
+            results["saved"][name] = {way: str(out.parent / name / way) for way in ("consolidated", "gathered")}
     for name, (stage, state_grad, reentrant, placement) in TRAINER_RUNS.items():
         reference(name, state_grad, placement, trainer_schedule=True)
         losses, trainer = train_trainer(stage, state_grad, reentrant, placement, out.parent / name, world)
         if stage == 3:
             results["partitioned"][name] = partitioned(trainer.model)
             trainer.save_model(out.parent / name / "save_model")
-            results["saved"][name] = {"save_model": out.parent / name / "save_model"}
+            results["saved"][name] = {"save_model": str(out.parent / name / "save_model")}
         results["runs"][name] = (losses, adapter_weights(trainer.model), probe_logits(trainer.model_wrapped))
     # Last: a refused ZeRO-3 forward leaves its engine's parameters half gathered.
     for name, (stage, state_grad, reentrant, placement) in REFUSED_RUNS.items():
