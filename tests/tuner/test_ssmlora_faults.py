@@ -26,6 +26,7 @@ def lm(checkpointing: str) -> nn.Module:
     if use_reentrant is not None:
         model.base_model.model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if use_reentrant:
         model.enable_input_require_grads()  # reentrant checkpointing needs it, as for peft's LoRA
     return model.train()
 
