@@ -140,8 +140,8 @@ class ForwardCall:
 
 
 class ChainContext:
-    """Finds the `ForwardCall` an SSMLoRA layer runs in; one per tuner, never saved (a copy of the model gets a
-    fresh one: see `__getstate__`).
+    """Finds the `ForwardCall` an SSMLoRA layer runs in; one per model, its calls never saved (a copy of the model
+    gets a context of its own, with no calls: see `__getstate__`).
 
     Each chain owner (the module whose forward runs whole chains) runs its forward through `run_call`, which opens
     a new call (so every call starts its chains from zeros and results never depend on earlier calls) and closes it
@@ -209,8 +209,11 @@ class ChainContext:
         """Give every owner its class back."""
         while self._owners:
             owner = self._owners.pop()
-            owner.__class__ = owner._ssmlora_base_class
-            del owner._ssmlora_chain_context
+            if type(owner) is chain_owner_class(owner._ssmlora_base_class):
+                owner.__class__ = owner._ssmlora_base_class
+                del owner._ssmlora_chain_context
+            # else a wrapper subclassed it since (e.g. FSDP2's `fully_shard`): it keeps running calls, which stay
+            # empty once no layer has an adapter.
 
     def _open_calls(self) -> list[ForwardCall]:
         if not hasattr(self._local, "calls"):
