@@ -156,3 +156,27 @@ def test_a_kept_graph_holds_its_call_until_it_is_freed():
     loss.backward()  # the first graph's recomputation still finds its states
     del loss
     assert live_calls() == 0 and context.count_calls_with_graph() == 0
+
+
+def test_an_adapter_added_through_transformers_is_exact_after_an_interrupted_forward():
+    """`model.add_adapter(SSMLoRAConfig(...))`: no PEFT model (and no tuner) is in the call path, only the chain
+    owner (the decoder stack) itself."""
+
+    def transformers_model():
+        model = tiny_llama()
+        model.add_adapter(SSMLoRAConfig(r=4, init_weights=False))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model.train()
+
+    expected_loss, expected_grads = training_step(transformers_model())
+    model = transformers_model()
+    handle = model.model.layers[2].register_forward_pre_hook(Interrupt())
+    with pytest.raises(KeyboardInterrupt):
+        model(input_ids=IDS, labels=IDS)
+    handle.remove()
+    with pytest.raises(RuntimeError, match="ran outside a forward call"):
+        model.model.layers[3].self_attn.v_proj(torch.randn(*IDS.shape, 32))
+    loss, grads = training_step(model)
+    assert torch.equal(loss, expected_loss)
+    assert grads.keys() == expected_grads.keys()
+    assert all(torch.equal(grads[name], grad) for name, grad in expected_grads.items())
