@@ -33,9 +33,9 @@ class SSMLoRAModel(BaseTuner):
     """Creates an SSMLoRA model from a pretrained transformers model (see `SSMLoRAConfig`).
 
     Besides the layers, the tuner owns a `ChainContext` that carries states between the modules of each chain, and
-    two hooks on the module that runs each chain (the wrapped model's layer stack, usually): a forward pre-hook that
-    opens a new call (so every call starts from zero states) and refuses reentrant activation checkpointing for
-    `state_grad="full"`, and a forward hook that closes it. `unload()` and deleting the last adapter remove them.
+    makes the module that runs each chain (the wrapped model's layer stack, usually) run every forward as one call
+    of it (so every call starts from zero states; see `_install_forward_hooks`), with a forward pre-hook that refuses
+    reentrant activation checkpointing for `state_grad="full"`. `unload()` and deleting the last adapter undo both.
     """
 
     prefix: str = "ssmlora_"
@@ -44,7 +44,10 @@ class SSMLoRAModel(BaseTuner):
 
     def __init__(self, model: nn.Module, config, adapter_name: str, **kwargs: Any) -> None:
         # Set before `super().__init__`, which injects the first adapter and needs both.
-        self.chain_context = ChainContext(when_unused=self._remove_forward_hooks)
+        # One context per model: a second tuner on it (transformers' `add_adapter` makes one per adapter) shares
+        # the first one's, as its layers and chain owners do.
+        self.chain_context = _chain_context_of(model) or ChainContext()
+        self.chain_context.when_unused(self._remove_forward_hooks)
         self._ssmlora_hooks: list[torch.utils.hooks.RemovableHandle] = []
         super().__init__(model, config, adapter_name, **kwargs)
 
@@ -150,25 +153,23 @@ class SSMLoRAModel(BaseTuner):
             self.chain_context.track(module)
 
     def _install_forward_hooks(self, model: nn.Module) -> None:
-        """Hook every chain's owner: the innermost module whose forward runs the whole chain. The wrapped model
-        calls them within its own forward; so do code paths that call an inner module directly (an encoder-decoder's
-        `generate` runs the encoder alone, fused-loss trainers run the decoder stack without its head)."""
+        """Make every chain's owner (the innermost module whose forward runs the whole chain) run its forward as one
+        call of the chain context. The wrapped model calls the owners within its own forward; so do code paths
+        that call an inner module directly (an encoder-decoder's `generate` runs the encoder alone, fused-loss
+        trainers run the decoder stack without its head).
+
+        An owner's class becomes `chain_owner_class(its class)` (`ChainContext.own`) rather than getting a pre-hook
+        that opens the call and a forward hook that closes it: torch skips even `always_call` forward hooks for a
+        `KeyboardInterrupt`, which would leave the call open for good. A forward pre-hook only checks the
+        configuration (refusing reentrant checkpointing for `state_grad="full"`); it raises before anything opens."""
         self._remove_forward_hooks()
         for owner in _chain_owners(model):
-            self._ssmlora_hooks += [
-                owner.register_forward_pre_hook(self._start_forward),
-                # always_call: the call closes even when the forward raises, so the next one starts clean.
-                owner.register_forward_hook(self._end_forward, always_call=True),
-            ]
+            self.chain_context.own(owner)
+            self._ssmlora_hooks.append(owner.register_forward_pre_hook(self._check_forward))
 
-    def _start_forward(self, module: nn.Module, args: Any) -> None:
-        # Opened first: the forward hook closes the call even when the check below raises.
-        self.chain_context.open_call()
+    def _check_forward(self, module: nn.Module, args: Any) -> None:
         if module.training and torch.is_grad_enabled() and self._full_state_grad_active():
             _refuse_reentrant_checkpointing(module)
-
-    def _end_forward(self, module: nn.Module, args: Any, outputs: Any) -> None:
-        self.chain_context.close_call(outputs)
 
     def _full_state_grad_active(self) -> bool:
         return any(self.peft_config[name].state_grad == "full" for name in self.active_adapters
@@ -209,6 +210,15 @@ class SSMLoRAModel(BaseTuner):
     def _remove_forward_hooks(self) -> None:
         while self._ssmlora_hooks:
             self._ssmlora_hooks.pop().remove()
+        self.chain_context.release_owners()
+
+
+def _chain_context_of(model: nn.Module) -> ChainContext | None:
+    """The chain context the SSMLoRA layers of `model` already use, if any."""
+    for module in model.modules():
+        if isinstance(module, SSMLoRALayer) and module.ssmlora_context is not None:
+            return module.ssmlora_context
+    return None
 
 
 def _chain_owners(model: nn.Module) -> list[nn.Module]:
