@@ -10,7 +10,7 @@ in anything but the code or whose code is not that of ``--made-at``, and any car
 ``src/rare_data/`` changed since. A run whose outputs differ (e.g. RAFT after a change to its sampling) is left
 alone: the grid reruns it.
 
-    python -m benchmarks.carry_over_rare_runs benchmarks/results/rare_knowledge/cpu/grid-3ep --made-at 14f9217
+    python -m benchmarks.carry_over_rare_runs benchmarks/rare_knowledge/results/cpu/grid-3ep --made-at 14f9217
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ from unittest import mock
 import torch
 
 import rare_data
-from benchmarks import common
-from benchmarks import rare_knowledge as rk
-from benchmarks import rare_knowledge_data as rkd
-from benchmarks.bench_collator import load_baseline
 from benchmarks.carry_over_runs import code_hash_in, git_archive, save_carried_over
+from benchmarks.harness import identity as ident
+from benchmarks.harness import models
+from benchmarks.harness import store as run_store
+from benchmarks.rare_knowledge import data as rkd
+from benchmarks.rare_knowledge import runner as rk
+from benchmarks.speed.collator import load_baseline
 from rare_data import ChoiceScorer
 
 CHANGED_PACKAGE = "src/rare_data/"
@@ -37,7 +39,7 @@ CHANGED_PACKAGE = "src/rare_data/"
 
 def code_hash_at(commit: str) -> str:
     """The run identity's code hash of ``rare_knowledge`` at ``commit``; fails unless only rare_data changed."""
-    changed = subprocess.run(["git", "-C", str(common.REPO_ROOT), "diff", "--name-only", commit, "--",
+    changed = subprocess.run(["git", "-C", str(ident.REPO_ROOT), "diff", "--name-only", commit, "--",
                               *rk.KNOWLEDGE_CODE], check=True, capture_output=True, text=True).stdout.split()
     outside = [f for f in changed if f.endswith(".py") and "results" not in Path(f).parts
                and not f.startswith(CHANGED_PACKAGE)]
@@ -58,7 +60,7 @@ def replay_encodings(training: str, test: str, args, package=rare_data) -> list:
     corpora = {"original": data["corpus.jsonl"], "edited": rkd.edited_corpus(data["corpus.jsonl"], edits)}
     retrievers = {name: rk.retriever_for(corpus) for name, corpus in corpora.items()}
     questions = {"original": test_rows, "edited": rk.flipped_questions(test_rows, edits, True)}
-    tokenizer = common.load_tokenizer(args.model)
+    tokenizer = models.load_tokenizer(args.model)
     outputs = []
 
     def encoded(e):
@@ -99,25 +101,25 @@ def main(argv=None) -> None:
     parser.add_argument("--made-at", required=True, help="the commit whose code the stored runs were made with")
     args = parser.parse_args(argv)
     old_hash = code_hash_at(args.made_at)
-    store = common.RunStore(args.folder)
+    store = run_store.RunStore(args.folder)
     with tempfile.TemporaryDirectory() as tree:
         git_archive(args.made_at, [CHANGED_PACKAGE], tree)
         old_package = load_baseline(str(Path(tree) / CHANGED_PACKAGE))
         carry_over(store, args.folder, args.made_at, old_hash, old_package)
 
 
-def carry_over(store: common.RunStore, folder: str, made_at: str, old_hash: str, old_package) -> None:
+def carry_over(store: run_store.RunStore, folder: str, made_at: str, old_hash: str, old_package) -> None:
     """Give the current identity to every stored run made at ``made_at`` whose collator outputs ``old_package``
     reproduces."""
-    for result in store.load(where=lambda r: "training" in r and common.IDENTITY_KEY in r):
+    for result in store.load(where=lambda r: "training" in r and ident.IDENTITY_KEY in r):
         run_args = argparse.Namespace(**result["config"], output_dir=folder)
         identity = rk.identity_of(result["training"], result["test"], run_args, result["data_sha256"])
         name = rk.run_name(identity)
-        stored = result[common.IDENTITY_KEY]
+        stored = result[ident.IDENTITY_KEY]
         if stored["hash"] == identity["hash"]:
             print(f"current already: {name}")
             continue
-        differences = common._differences(stored["config"], identity["config"])
+        differences = ident.differences(stored["config"], identity["config"])
         if len(differences) != 1 or not differences[0].startswith("code.sha256") or \
                 stored["config"]["code"]["sha256"] != old_hash:
             raise SystemExit(f"{name}: not made with the code of {made_at} or not only the code differs: "

@@ -1,6 +1,6 @@
 """Carry stored runs over a code change that touched only comments and formatting.
 
-A run's identity holds a hash of the code it ran (``benchmarks.common.code_fingerprint``), so any edit to that code
+A run's identity holds a hash of the code it ran (``benchmarks.harness.code_fingerprint``), so any edit to that code
 -- a comment moved, a line rewrapped -- makes the run store redo hours of runs. This script gives a stored run the
 current identity only when every Python file of its code has the same syntax tree (``ast.dump``: comments, blank
 lines and line breaks are not in it; docstrings are) at ``--made-at`` as now, its stored code hash is that of
@@ -9,7 +9,7 @@ the code hash it was made with. Any other run is left alone and named, with the 
 those (for a change inside ``src/rare_data/`` that leaves the knowledge benchmark's collator outputs unchanged, see
 ``benchmarks.carry_over_rare_runs``).
 
-    python -m benchmarks.carry_over_runs benchmarks/results/glue/cpu/ablation-sst2-20k --made-at 9aa14ff9
+    python -m benchmarks.carry_over_runs benchmarks/glue/results/cpu/ablation-sst2-20k --made-at 9aa14ff9
 """
 
 from __future__ import annotations
@@ -25,25 +25,27 @@ from io import BytesIO
 from pathlib import Path
 from unittest import mock
 
-from benchmarks import common
+from benchmarks.harness import environment
+from benchmarks.harness import identity as ident
+from benchmarks.harness import store as run_store
 
 
 def git_archive(commit: str, paths, into: str) -> None:
     """The files at ``paths`` (repo-relative) as they were at ``commit``, written under ``into``."""
-    archive = subprocess.run(["git", "-C", str(common.REPO_ROOT), "archive", commit, *paths], check=True,
+    archive = subprocess.run(["git", "-C", str(ident.REPO_ROOT), "archive", commit, *paths], check=True,
                              capture_output=True).stdout
     with tarfile.open(fileobj=BytesIO(archive)) as files:
         files.extractall(into, filter="data")
 
 
 def code_hash_in(tree: Path, paths: tuple[str, ...]) -> str:
-    """``common.code_fingerprint(paths)`` of the checkout at ``tree`` instead of this one."""
-    common.code_fingerprint.cache_clear()  # it is cached per path list, and the tree differs here
+    """``ident.code_fingerprint(paths)`` of the checkout at ``tree`` instead of this one."""
+    ident.code_fingerprint.cache_clear()  # it is cached per path list, and the tree differs here
     try:
-        with mock.patch.object(common, "REPO_ROOT", tree):
-            return common.code_fingerprint(paths)
+        with mock.patch.object(ident, "REPO_ROOT", tree):
+            return ident.code_fingerprint(paths)
     finally:
-        common.code_fingerprint.cache_clear()
+        ident.code_fingerprint.cache_clear()
 
 
 def python_files(tree: Path, paths: tuple[str, ...]) -> dict[str, str]:
@@ -68,18 +70,18 @@ def syntax_changes(old_tree: Path, new_tree: Path, paths: tuple[str, ...]) -> li
 
 
 def identity_hash(config: dict) -> str:
-    """The run identity's hash of its config, as ``common.run_identity`` computes it (checked on every stored run
+    """The run identity's hash of its config, as ``ident.run_identity`` computes it (checked on every stored run
     before it is used)."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def save_carried_over(store: common.RunStore, name: str, result: dict, identity: dict, made_at: str,
+def save_carried_over(store: run_store.RunStore, name: str, result: dict, identity: dict, made_at: str,
                       why: str) -> None:
     """Store ``result`` under its new ``identity``, recording in ``identity_carried_over`` the code hash it was made
     with, the commit, any earlier carry-over and ``why`` the change cannot have altered it."""
-    carried = {k: v for k, v in result.items() if k != common.IDENTITY_KEY}
+    carried = {k: v for k, v in result.items() if k != ident.IDENTITY_KEY}
     carried["identity_carried_over"] = {
-        "from_code_sha256": result[common.IDENTITY_KEY]["config"]["code"]["sha256"], "made_at": made_at,
+        "from_code_sha256": result[ident.IDENTITY_KEY]["config"]["code"]["sha256"], "made_at": made_at,
         "earlier": result.get("identity_carried_over"), "why": why}
     store.save(name, carried, identity)
 
@@ -87,15 +89,15 @@ def save_carried_over(store: common.RunStore, name: str, result: dict, identity:
 def carry_over(folder: Path, made_at: str) -> dict[str, list[str]]:
     """Carry every run in ``folder`` made at ``made_at`` whose code changed only in comments and formatting; returns
     the run names by outcome (``carried``, ``current``, ``left alone``: "<name>: <why>")."""
-    store = common.RunStore(folder)
-    versions = common.package_versions()
+    store = run_store.RunStore(folder)
+    versions = environment.package_versions()
     outcome: dict[str, list[str]] = {"carried": [], "current": [], "left alone": []}
     with tempfile.TemporaryDirectory() as tree:
         old_tree, checked = Path(tree), {}
         for path in sorted(folder.glob("*.json")):
             name = path.stem
             result = store.get(name)
-            identity = (result or {}).get(common.IDENTITY_KEY)
+            identity = (result or {}).get(ident.IDENTITY_KEY)
             if not identity or "code" not in identity.get("config", {}):
                 outcome["left alone"].append(f"{name}: no code hash in its identity (made before run identities)")
                 continue
@@ -104,18 +106,18 @@ def carry_over(folder: Path, made_at: str) -> dict[str, list[str]]:
                 outcome["left alone"].append(f"{name}: its identity hash is not the hash of its config")
                 continue
             paths = tuple(config["code"]["paths"])
-            now = common.code_fingerprint(paths)
+            now = ident.code_fingerprint(paths)
             if config["code"]["sha256"] == now:
                 outcome["current"].append(name)
                 continue
             if paths not in checked:
                 git_archive(made_at, paths, tree)
-                checked[paths] = (code_hash_in(old_tree, paths), syntax_changes(old_tree, common.REPO_ROOT, paths))
+                checked[paths] = (code_hash_in(old_tree, paths), syntax_changes(old_tree, ident.REPO_ROOT, paths))
             then, changes = checked[paths]
             if config["code"]["sha256"] != then:
                 why = f"not made with the code of {made_at}"
             elif config["versions"] != versions:
-                why = f"made with other package versions: {', '.join(common._differences(config['versions'], versions))}"
+                why = f"made with other package versions: {', '.join(ident.differences(config['versions'], versions))}"
             elif changes:
                 why = f"its code changed since {made_at} in {', '.join(changes)}"
             else:
@@ -133,7 +135,7 @@ def carry_over(folder: Path, made_at: str) -> dict[str, list[str]]:
 
 def main(argv=None) -> dict[str, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("folder", type=Path, help="a folder of run JSONs written through benchmarks.common.RunStore")
+    parser.add_argument("folder", type=Path, help="a folder of run JSONs written through benchmarks.harness.RunStore")
     parser.add_argument("--made-at", required=True, help="the commit whose code the stored runs were made with")
     args = parser.parse_args(argv)
     if not args.folder.is_dir():

@@ -8,17 +8,11 @@ import os
 import pytest
 from tiny_models import tiny_bert
 
-from benchmarks import common
-from benchmarks.common import (
-    IDENTITY_KEY,
-    RunStore,
-    add_adapter,
-    count_parameters,
-    markdown_table,
-    run_identity,
-    share_frozen_copy,
-    write_json_atomic,
-)
+from benchmarks.harness import identity
+from benchmarks.harness.adapters import add_adapter, count_parameters, share_frozen_copy
+from benchmarks.harness.identity import IDENTITY_KEY, run_identity
+from benchmarks.harness.report import markdown_table
+from benchmarks.harness.store import RunStore, write_json_atomic
 
 
 @pytest.fixture
@@ -47,11 +41,11 @@ def test_code_fingerprint_follows_code_not_results(tmp_path, monkeypatch):
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     (tmp_path / "kernels").mkdir()
     (tmp_path / "src" / "pkg" / "layer.py").write_text("SCALE = 1\n")
-    monkeypatch.setattr(common, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(identity, "REPO_ROOT", tmp_path)
 
     def fingerprint():
-        common.code_fingerprint.cache_clear()
-        return common.code_fingerprint()
+        identity.code_fingerprint.cache_clear()
+        return identity.code_fingerprint()
 
     base = fingerprint()
     (tmp_path / "benchmarks" / "results" / "run.json").write_text("{}")
@@ -60,16 +54,16 @@ def test_code_fingerprint_follows_code_not_results(tmp_path, monkeypatch):
     assert fingerprint() == base
     (tmp_path / "src" / "pkg" / "layer.py").write_text("SCALE = 2\n")
     assert fingerprint() != base
-    common.code_fingerprint.cache_clear()
+    identity.code_fingerprint.cache_clear()
     # a runner that names its own code ignores changes elsewhere, and a wrong name is an error, not an empty hash
     (tmp_path / "src" / "other").mkdir()
-    only_pkg = common.code_fingerprint(("src/pkg",))
+    only_pkg = identity.code_fingerprint(("src/pkg",))
     (tmp_path / "src" / "other" / "tool.py").write_text("X = 1\n")
-    common.code_fingerprint.cache_clear()
-    assert common.code_fingerprint(("src/pkg",)) == only_pkg
+    identity.code_fingerprint.cache_clear()
+    assert identity.code_fingerprint(("src/pkg",)) == only_pkg
     with pytest.raises(FileNotFoundError, match="src/pgk"):
-        common.code_fingerprint(("src/pgk",))
-    common.code_fingerprint.cache_clear()
+        identity.code_fingerprint(("src/pgk",))
+    identity.code_fingerprint.cache_clear()
 
 
 def test_store_resumes_only_identical_runs(tmp_path, data_file, capsys):

@@ -8,7 +8,8 @@ from unittest import mock
 import pytest
 
 from benchmarks import carry_over_runs as cor
-from benchmarks import common
+from benchmarks.harness import identity
+from benchmarks.harness import store as run_store
 
 STEP = "def step(x):\n    return x + 1\n"
 
@@ -24,24 +25,24 @@ def repo(tmp_path):
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-qm", "first"], check=True)
     commit = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
-    with mock.patch.object(common, "REPO_ROOT", root):
-        common.code_fingerprint.cache_clear()
+    with mock.patch.object(identity, "REPO_ROOT", root):
+        identity.code_fingerprint.cache_clear()
         yield root, commit
-    common.code_fingerprint.cache_clear()
+    identity.code_fingerprint.cache_clear()
 
 
 def _edit(root, text, name="step.py"):
     (root / "pkg" / name).write_text(text)
-    common.code_fingerprint.cache_clear()
+    identity.code_fingerprint.cache_clear()
 
 
 def _identity():
-    return common.run_identity({"lr": 1e-3}, model="tiny", code=("pkg",))
+    return identity.run_identity({"lr": 1e-3}, model="tiny", code=("pkg",))
 
 
 def test_a_run_is_carried_over_comment_and_line_break_changes(repo, tmp_path):
     root, commit = repo
-    store = common.RunStore(tmp_path / "runs")
+    store = run_store.RunStore(tmp_path / "runs")
     made = _identity()
     store.save("run", {"score": 0.9}, made)
     _edit(root, "def step(x):\n    # one more than x\n    return (x +\n            1)\n")
@@ -63,7 +64,7 @@ def test_a_run_is_carried_over_comment_and_line_break_changes(repo, tmp_path):
 ])
 def test_a_real_code_change_leaves_the_run_alone_and_names_the_file(repo, tmp_path, change, why):
     root, commit = repo
-    store = common.RunStore(tmp_path / "runs")
+    store = run_store.RunStore(tmp_path / "runs")
     store.save("run", {"score": 0.9}, _identity())
     before = (tmp_path / "runs" / "run.json").read_bytes()
     change(root)
@@ -73,7 +74,7 @@ def test_a_real_code_change_leaves_the_run_alone_and_names_the_file(repo, tmp_pa
 
 def test_runs_of_other_code_or_package_versions_are_left_alone(repo, tmp_path):
     root, commit = repo
-    store = common.RunStore(tmp_path / "runs")
+    store = run_store.RunStore(tmp_path / "runs")
     _edit(root, "def step(x):\n    return x + 3\n")  # a run made with uncommitted code, not that of the commit
     store.save("uncommitted", {}, _identity())
     _edit(root, STEP)

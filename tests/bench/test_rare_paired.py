@@ -1,4 +1,4 @@
-"""`benchmarks/rare_paired.py`: accuracy differences between knowledge-benchmark runs on the same questions."""
+"""`benchmarks/rare_knowledge/paired.py`: accuracy differences between knowledge-benchmark runs on the same questions."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import rare_paired as rp
+from benchmarks.rare_knowledge import paired as rp
 
 CURRENT = rp.current_code_and_versions()
 
