@@ -120,7 +120,7 @@ def main(argv=None) -> list[dict]:
     store = RunStore(args.out_dir or RESULTS_DIR / device_tag())
     train_file = Path(args.data_dir) / "SST-2" / "train.tsv"
     identity = run_identity(arguments_of(args, ("out_dir", "force")), model=model_path,
-                            data_files=[train_file] if train_file.is_file() else [])
+                            data_files=[train_file] if train_file.is_file() else [], runner=__spec__.name)
     name = f"seed{args.seed}"
     if args.force or store.needs_run(name, identity):
         tokenizer = AutoTokenizer.from_pretrained(model_path)

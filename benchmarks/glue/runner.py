@@ -8,7 +8,7 @@ Examples (offline, with GLUE's TSV files)::
 
 Each finished run writes one JSON file into `--output-dir` (named after task, method, rank and seed) through the
 run store of `benchmarks.harness`: a run is skipped only when its stored JSON has the same identity (the run's whole
-config, the model, the contents of the TSV files it read, package versions and a hash of the code), so an interrupted
+config, the model, the contents of the TSV files it read, package versions and the code it imports), so an interrupted
 sweep resumes where it stopped and a changed option or data file is rerun, never answered with an old result.
 After every run the markdown table (`table.md`, mean ± std over seeds) and the plot (`plot.png`, score vs trainable
 parameters) are rebuilt from all JSON files in the folder (an unreadable one is reported by name and rerun).
@@ -48,9 +48,6 @@ from benchmarks.harness.store import RunStore, write_text_atomic
 METHODS = ("ssmlora", "lora", "lora-sparse", "lora-half", "full", "bitfit")
 ADAPTER_METHODS = ("ssmlora", "lora", "lora-sparse", "lora-half")
 LORA_METHODS = ("lora", "lora-sparse", "lora-half")
-
-# The code a GLUE result depends on (its run identity hashes these files, see benchmarks.harness.code_fingerprint).
-GLUE_CODE = ("src/peft_ssmlora", "kernels", "benchmarks/harness", "benchmarks/glue/runner.py", "benchmarks/glue/tasks.py")
 
 # Learning rate when --lr is not given. The adapters share one budget (5e-4: where LoRA learns on MiniLM, see
 # ../shared/docs/ssmlora-method.md); full fine-tuning diverges at that rate, so it gets the usual 2e-5.
@@ -231,7 +228,7 @@ def data_files(args: argparse.Namespace) -> list[Path]:
 def identity_of(args: argparse.Namespace, cfg: dict) -> dict:
     """A run's identity: its resolved config (`run_config`), where its data came from and what the data hold."""
     return run_identity({**cfg, "data_dir": args.data_dir}, model=args.model, data_files=data_files(args),
-                        code=GLUE_CODE)
+                        runner=__spec__.name)
 
 
 def method_lr(args: argparse.Namespace, method: str) -> float:
@@ -607,7 +604,7 @@ def main(argv=None) -> int:
         result = measure_throughput(args, tokenizer, train, args.throughput_steps)
         cfgs = {m: run_config(args, m, seed=0) for m in args.methods}
         identity = run_identity({"throughput_steps": args.throughput_steps, "data_dir": args.data_dir, **cfgs},
-                                model=args.model, data_files=data_files(args))
+                                model=args.model, data_files=data_files(args), runner=__spec__.name)
         print(f"wrote {store.save(f'throughput-{task.name}-r{args.rank}', result, identity)}")
         return 0
 

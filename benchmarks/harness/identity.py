@@ -1,13 +1,16 @@
 """A run's identity: what a stored result depends on, so that the run store resumes only what is identical.
 
-identity = `run_identity(arguments, model=..., data_files=[...])`: a sha256 of the whole resolved config, i.e. every
-argument, the model id, size + sha256 of every data file read, the package versions and a sha256 of the code
-(`code_fingerprint(code)`); not the git commit, so committing results does not make them stale.
+identity = `run_identity(arguments, runner=..., model=..., data_files=[...])`: a sha256 of the whole resolved config,
+i.e. every argument, the model id, size + sha256 of every data file read, the package versions and the code identity
+(`code_identity(runner)`: the syntax tree of every project module the runner imports, so comment and formatting
+edits, or edits to code the runner does not import, leave a run current). `code_changes(stored)` names the modules
+that changed since a stored run was made.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import hashlib
 import json
@@ -36,26 +39,115 @@ def file_fingerprint(path: str | Path) -> dict[str, Any]:
     return {"file": str(path), "size": stat.st_size, "sha256": _sha256(str(path), stat.st_size, stat.st_mtime_ns)}
 
 
-# The code whose behaviour a stored result depends on. Hashing its files instead of naming the git commit lets a
-# grid resume across sessions: committing finished results (or editing tests, docs or another runner) changes the
-# commit but not one byte of the code that produced them. A runner narrows it to the code it runs (`code=`).
-CODE_PATHS = ("src", "kernels", "benchmarks")
+# Where each top-level project package lives, relative to the repository root. A run's code is the project modules
+# its runner imports; everything else it imports (torch, peft, ...) is named by its version instead.
+PROJECT_PACKAGES = {"benchmarks": ".", "peft_ssmlora": "src", "rare_data": "src", "ssmlora_kernels": "kernels"}
+
+
+def module_file(name: str) -> Path | None:
+    """The source file of project module `name` (a package's `__init__.py`), or None when it is not one."""
+    top = name.split(".")[0]
+    if top not in PROJECT_PACKAGES:
+        return None
+    base = REPO_ROOT / PROJECT_PACKAGES[top] / Path(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 @functools.cache
-def code_fingerprint(paths: tuple[str, ...] = CODE_PATHS) -> str:
-    """sha256 of the Python files at `paths` (repo-relative files or folders; paths and contents, results excluded)."""
-    digest = hashlib.sha256()
-    for entry in paths:
-        root = REPO_ROOT / entry
-        if not root.exists():
-            raise FileNotFoundError(f"code path {entry!r} is not in {REPO_ROOT}: fix the runner's code= list")
-        for path in sorted([root] if root.is_file() else root.rglob("*.py")):
-            relative = path.relative_to(REPO_ROOT)
-            if "results" in relative.parts or "__pycache__" in relative.parts:
+def _parsed(path: str, size: int, mtime_ns: int) -> ast.Module:
+    return ast.parse(Path(path).read_text(encoding="utf-8"), filename=path)
+
+
+def _tree(path: Path) -> ast.Module:
+    stat = path.stat()
+    return _parsed(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def _imported(tree: ast.Module, name: str, is_package: bool) -> set[str]:
+    """Every module name an import statement of `tree` may load, wherever the statement is (a function's lazy
+    imports count too). `from a import b` yields `a` and `a.b`; names that are not modules are dropped later."""
+    package = name if is_package else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: `from .x import y` inside `package`
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            else:
+                base = node.module
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def project_modules(runner: str) -> dict[str, Path]:
+    """The project modules importing `runner` runs: itself, the packages above it, and every project module they
+    import, transitively (sorted by name)."""
+    if module_file(runner) is None:
+        raise ValueError(f"{runner!r} is not a module of this project ({', '.join(PROJECT_PACKAGES)})")
+    seen: dict[str, Path] = {}
+    todo = [runner]
+    while todo:
+        parts = todo.pop().split(".")
+        for depth in range(1, len(parts) + 1):  # a module's packages run their __init__ first
+            name = ".".join(parts[:depth])
+            path = module_file(name)
+            if name in seen or path is None:
                 continue
-            digest.update(relative.as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
+            seen[name] = path
+            todo += [m for m in _imported(_tree(path), name, path.name == "__init__.py")
+                     if m.split(".")[0] in PROJECT_PACKAGES]
+    return dict(sorted(seen.items()))
+
+
+def _without_docstrings(tree: ast.Module) -> ast.Module:
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:]
+    return tree
+
+
+def syntax_hash(path: Path) -> str:
+    """sha256 of the module's syntax tree without line numbers and docstrings: comments, formatting and docs do not
+    change it; any change to what the code does does."""
+    stat = path.stat()
+    return _syntax_hash(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def _syntax_hash(path: str, size: int, mtime_ns: int) -> str:
+    tree = _without_docstrings(ast.parse(Path(path).read_text(encoding="utf-8")))
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+
+
+def code_identity(runner: str) -> dict[str, Any]:
+    """`{"runner", "modules": {module: syntax hash}, "sha256"}` of the project code `runner` (a module name such as
+    `benchmarks.glue.runner`) imports. Not the git commit: committing results, or editing tests, docs, comments or a
+    module the runner does not import, leaves it unchanged, so a grid resumes across sessions."""
+    modules = {name: syntax_hash(path) for name, path in project_modules(runner).items()}
+    blob = json.dumps(modules, sort_keys=True).encode()
+    return {"runner": runner, "modules": modules, "sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def code_changes(stored: dict[str, Any]) -> list[str]:
+    """The modules whose code changed (or that were added or dropped) since a run with code identity `stored` was
+    made; empty when it is current. An identity from before code identities by import is all change."""
+    if not isinstance(stored, dict) or "runner" not in stored or "modules" not in stored:
+        return ["no code identity by import"]
+    now = code_identity(stored["runner"])["modules"]
+    return sorted(name for name in stored["modules"].keys() | now.keys() if stored["modules"].get(name) != now.get(name))
+
+
+def identity_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _canonical(value: Any) -> Any:
@@ -71,18 +163,18 @@ def _canonical(value: Any) -> Any:
     return str(value)
 
 
-def run_identity(arguments: dict[str, Any], *, model: str | None = None,
-                 data_files: Iterable[str | Path] = (), code: tuple[str, ...] = CODE_PATHS) -> dict[str, Any]:
-    """`{"hash", "config"}`: the sha256 of the run's whole resolved config (see the module docstring)."""
+def run_identity(arguments: dict[str, Any], *, runner: str, model: str | None = None,
+                 data_files: Iterable[str | Path] = ()) -> dict[str, Any]:
+    """`{"hash", "config"}`: the sha256 of the run's whole resolved config (see the module docstring); `runner` is
+    the module that makes the run (`__spec__.name` inside it), whose imports define the code it depends on."""
     config = {
         "arguments": _canonical(arguments),
         "model": model,
         "data": [file_fingerprint(f) for f in sorted({str(f) for f in data_files})],
         "versions": package_versions(),
-        "code": {"paths": list(code), "sha256": code_fingerprint(tuple(code))},
+        "code": code_identity(runner),
     }
-    blob = json.dumps(config, sort_keys=True, separators=(",", ":"))
-    return {"hash": hashlib.sha256(blob.encode()).hexdigest(), "config": config}
+    return {"hash": identity_hash(config), "config": config}
 
 
 def arguments_of(args: argparse.Namespace, exclude: Iterable[str] = ()) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness.environment import package_versions
-from benchmarks.harness.identity import IDENTITY_KEY, code_fingerprint
+from benchmarks.harness.identity import IDENTITY_KEY, code_changes, code_identity
 from benchmarks.harness.report import markdown_table
 from benchmarks.harness.store import write_text_atomic
 from benchmarks.rare_knowledge import runner as rk
@@ -129,22 +129,25 @@ def training_losses(result: dict) -> tuple:
 
 def current_code_and_versions() -> dict:
     """The code and package versions a result's identity must record to be current (the runner's own fields)."""
-    return {"code": {"paths": list(rk.KNOWLEDGE_CODE), "sha256": code_fingerprint(rk.KNOWLEDGE_CODE)},
-            "versions": package_versions()}
+    return {"code": code_identity(rk.__spec__.name), "versions": package_versions()}
 
 
 def load_results(folder: Path) -> tuple[list[dict], list[str]]:
     """The folder's current result JSONs that kept their per-question predictions, and one line per result left
     out because another code or package version made it (its file name and why)."""
-    current = current_code_and_versions()
+    versions = package_versions()
     results, left_out = [], []
     for path in sorted(folder.glob("*.json")):
         result = json.loads(path.read_text())
         if not result.get("per_question"):
             continue
         made_with = result.get(IDENTITY_KEY, {}).get("config", {})
-        stale = [label for field, label in (("code", "code"), ("versions", "package versions"))
-                 if made_with.get(field) != current[field]]
+        stale = []
+        changed = code_changes(made_with.get("code"))
+        if changed:
+            stale.append(f"code ({', '.join(changed)})")
+        if made_with.get("versions") != versions:
+            stale.append("package versions")
         if stale:
             left_out.append(f"`{path.name}`: made with other {' and '.join(stale)}")
         else:
@@ -157,10 +160,7 @@ def left_out_note(left_out: list[str]) -> str:
     if not left_out:
         return ""
     return (f"**Left out: {len(left_out)} run(s) made with other code or package versions than this checkout's** "
-            "(a rerun of the grid's command redoes them; `benchmarks.carry_over_runs` carries runs over changes to "
-            "comments and formatting only, `benchmarks.carry_over_rare_runs` over a change inside src/rare_data that "
-            "leaves their collator outputs unchanged):\n\n"
-            + "".join(f"- {line}\n" for line in left_out) + "\n")
+            "(a rerun of the grid's command redoes them):\n\n" + "".join(f"- {line}\n" for line in left_out) + "\n")
 
 
 def table(results: list[dict]) -> str:

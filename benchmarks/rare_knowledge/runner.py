@@ -369,9 +369,6 @@ def bootstrap_ci(values: np.ndarray, statistic, n_resamples: int, seed: int = 0)
 # ---- run identity and result names -----------------------------------------------------------------------------
 # Arguments that never change a result (where results go, what to run, threads, table mode), and those the identity
 # holds in another form: the data's sha256 covers --data-dir and the recipe; the model is the identity's own key.
-# The code a result depends on (its run identity hashes these files, see benchmarks.harness.code_fingerprint).
-KNOWLEDGE_CODE = ("src", "kernels", "benchmarks/harness", "benchmarks/rare_knowledge/runner.py",
-                  "benchmarks/rare_knowledge/data.py")
 NOT_IDENTITY = ("output_dir", "table_only", "trainings", "tests", "threads", "write_data", "data_dir", "model",
                 "train_drugs", "test_drugs", "drugs_per_target", "edit_fraction")
 # Arguments that only matter once something is trained.
@@ -387,7 +384,7 @@ def identity_of(training: str, test: str, args, data_sha256: str) -> dict:
     exclude = [*NOT_IDENTITY, *(TRAINING_ONLY if TRAININGS[training] is None else ()),
                *(RAFT_ONLY if TRAININGS[training] != "raft" else ())]
     arguments = {**arguments_of(args, exclude), "training": training, "test": test, "data_sha256": data_sha256}
-    return run_identity(arguments, model=args.model, code=KNOWLEDGE_CODE)
+    return run_identity(arguments, model=args.model, runner=__spec__.name)
 
 
 def run_name(identity: dict) -> str:

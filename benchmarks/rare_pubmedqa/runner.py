@@ -372,7 +372,7 @@ def data_files(args) -> list[Path]:
 
 def identity_of(setting: str, args) -> dict:
     return run_identity({**arguments_of(args, NOT_IDENTITY), "setting": setting}, model=args.model,
-                        data_files=data_files(args))
+                        data_files=data_files(args), runner=__spec__.name)
 
 
 # ---- command line ----------------------------------------------------------------------------------------------

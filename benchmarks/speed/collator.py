@@ -194,7 +194,7 @@ def main(argv=None) -> dict:
     if args.baseline_src:  # the baseline's code decides its timings: its source files are part of the identity
         data_files += sorted(Path(args.baseline_src).rglob("*.py"))
     identity = run_identity(arguments_of(args, ("out_dir", "force")), model=args.model,
-                            data_files=[f for f in data_files if f.is_file()])
+                            data_files=[f for f in data_files if f.is_file()], runner=__spec__.name)
     if args.force or store.needs_run(RUN, identity):
         store.save(RUN, measure(args), identity)
     result = store.get(RUN)

@@ -310,7 +310,7 @@ def main(argv=None) -> int:
     for tokens in args.tokens:
         for ckpt in checkpointing:
             name = f"{tag}-t{tokens}-{'ckpt' if ckpt else 'nockpt'}"
-            identity = run_identity({**settings, "point_tokens": tokens, "point_checkpointing": ckpt})
+            identity = run_identity({**settings, "point_tokens": tokens, "point_checkpointing": ckpt}, runner=__spec__.name)
             if args.force or store.needs_run(name, identity):
                 todo.append((name, identity, tokens, ckpt))
     if todo:

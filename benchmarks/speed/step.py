@@ -447,7 +447,7 @@ def main(argv=None) -> int:
         for r in ranks:
             for n_tok in tokens:
                 run = f"{tag}-d{d}-r{r}-t{n_tok}"
-                identity = run_identity({**settings, "d": d, "r": r, "tokens": n_tok})
+                identity = run_identity({**settings, "d": d, "r": r, "tokens": n_tok}, runner=__spec__.name)
                 if not args.force and not store.needs_run(run, identity):
                     continue
                 torch.manual_seed(0)

@@ -8,7 +8,7 @@
 # run for seed 0 in RESULTS.md -- answer first, nothing was learned).
 # Seeds outermost, so an interrupted grid has whole seeds; finished runs are skipped on a rerun (the run store of
 # benchmarks/harness/ reuses a result only when its identity -- every result-changing argument, the model, the
-# data's sha256, the package versions and a hash of the code it runs -- is identical).
+# data's sha256, the package versions and the syntax of the code it imports -- is identical).
 # Knobs: SEEDS, METHODS (default "ssmlora lora"), EPOCHS, THREADS, OUT, ANSWER_FIRST=1 (add the answer-first rows).
 # From the repo root:
 #   nohup bash benchmarks/rare_knowledge/grids/rare_knowledge.sh > /tmp/rare_knowledge_grid.log 2>&1 &
