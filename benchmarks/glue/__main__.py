@@ -9,7 +9,7 @@ Grids: benchmarks/glue/grids/*.sh. Results: benchmarks/glue/results/<device>/<st
 
 from benchmarks.harness.cli import run_suite
 
-SUBCOMMANDS = {"grad_norms": "benchmarks.glue.grad_norms"}
+SUBCOMMANDS = {"tables": "benchmarks.glue.tables", "grad_norms": "benchmarks.glue.grad_norms"}
 
 if __name__ == "__main__":
     run_suite(__doc__, "benchmarks.glue.runner", SUBCOMMANDS)

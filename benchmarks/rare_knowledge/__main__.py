@@ -10,7 +10,8 @@ Grid: benchmarks/rare_knowledge/grids/rare_knowledge.sh. Results: benchmarks/rar
 
 from benchmarks.harness.cli import run_suite
 
-SUBCOMMANDS = {"paired": "benchmarks.rare_knowledge.paired", "rationales": "benchmarks.rare_knowledge.rationales"}
+SUBCOMMANDS = {"tables": "benchmarks.rare_knowledge.tables", "paired": "benchmarks.rare_knowledge.paired",
+               "rationales": "benchmarks.rare_knowledge.rationales"}
 
 if __name__ == "__main__":
     run_suite(__doc__, "benchmarks.rare_knowledge.runner", SUBCOMMANDS)

@@ -8,7 +8,7 @@ Grid: benchmarks/rare_pubmedqa/grids/rare_pubmedqa.sh. Results: benchmarks/rare_
 
 from benchmarks.harness.cli import run_suite
 
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS = {"tables": "benchmarks.rare_pubmedqa.tables"}
 
 if __name__ == "__main__":
     run_suite(__doc__, "benchmarks.rare_pubmedqa.runner", SUBCOMMANDS)

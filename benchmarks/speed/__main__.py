@@ -11,7 +11,7 @@ Results: benchmarks/speed/results/{step,model,collator}/<device>/ (see results/R
 
 from benchmarks.harness.cli import run_suite
 
-SUBCOMMANDS = {"step": "benchmarks.speed.step", "model": "benchmarks.speed.model",
+SUBCOMMANDS = {"tables": "benchmarks.speed.tables", "step": "benchmarks.speed.step", "model": "benchmarks.speed.model",
                "collator": "benchmarks.speed.collator"}
 
 if __name__ == "__main__":
