@@ -8,7 +8,7 @@
     python -m benchmarks.rare_pubmedqa ...               RARE vs closed-book training on PubMedQA
 
 `python -m benchmarks.<suite> --help` lists a suite's commands; `python -m benchmarks.harness.tables` rebuilds every
-suite's long-form `results/runs.csv` (and `results/archive/runs.csv`) and its study tables from the stored runs. Each suite keeps its grid scripts in `grids/` and its
-results in `results/<device>/<study>/` (map: `results/README.md`); what they share (models, adapters, environment,
+suite's long-form `results/runs.csv` (and `results/archive/runs.csv`) and its study tables from the stored runs.
+Each suite keeps its grid scripts in `grids/` and its results in `results/<device>/<study>/` (map: `results/README.md`); what they share (models, adapters, environment,
 run identity, run store, tables) lives in `benchmarks.harness`.
 """

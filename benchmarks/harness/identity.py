@@ -143,7 +143,8 @@ def code_changes(stored: dict[str, Any]) -> list[str]:
     if not isinstance(stored, dict) or "runner" not in stored or "modules" not in stored:
         return ["no code identity by import"]
     now = code_identity(stored["runner"])["modules"]
-    return sorted(name for name in stored["modules"].keys() | now.keys() if stored["modules"].get(name) != now.get(name))
+    made_with = stored["modules"]
+    return sorted(name for name in made_with.keys() | now.keys() if made_with.get(name) != now.get(name))
 
 
 def identity_hash(config: dict[str, Any]) -> str:

@@ -77,8 +77,9 @@ def long_form(suite: str, rows: Callable[[dict, str], Iterable[Row]], archived: 
             raise SystemExit(f"{path} is not a JSON object: fix or remove it")
         device, study = device_and_study(suite, path.parent.relative_to(root))
         identity = run.get(IDENTITY_KEY) or {}
-        if not archived and code_changes(identity.get("config", {}).get("code")):
-            stale.append(f"{path.relative_to(BENCHMARKS_DIR.parent)}: {', '.join(code_changes(identity['config']['code']))}")
+        changed = [] if archived else code_changes(identity.get("config", {}).get("code"))
+        if changed:
+            stale.append(f"{path.relative_to(BENCHMARKS_DIR.parent)}: {', '.join(changed)}")
         for task, method, seed, metric, value in rows(run, path.stem):
             if _number(value):
                 table.append(dict(zip(COLUMNS, (suite, study, task, method, "" if seed is None else seed, metric,

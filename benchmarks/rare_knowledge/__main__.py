@@ -1,6 +1,6 @@
 """RARE where the knowledge must be retrieved: a generated drug-target world, trained and tested by setting.
 
-    python -m benchmarks.rare_knowledge --seed 0 --method ssmlora ...   the runner (benchmarks/rare_knowledge/runner.py)
+    python -m benchmarks.rare_knowledge --seed 0 --method ssmlora ...   the runner (rare_knowledge/runner.py)
     python -m benchmarks.rare_knowledge paired <folder>       accuracy by setting and test, paired differences
     python -m benchmarks.rare_knowledge rationales <folder>   the facts the rationale-first models state
     python -m benchmarks.rare_knowledge tables                rebuild results/runs.csv and every table

@@ -1,4 +1,5 @@
-"""Synthetic knowledge base for ``rare_knowledge.py``: invented drugs, targets and diseases, generated from a seed.
+"""Synthetic knowledge base for the knowledge benchmark (``benchmarks/rare_knowledge/runner.py``): invented drugs,
+targets and diseases, generated from a seed.
 
 The world is a set of facts with a two-hop structure:
 

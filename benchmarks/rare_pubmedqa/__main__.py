@@ -1,6 +1,6 @@
 """RARE on PubMedQA: RARE vs closed-book training of SmolLM2 with SSMLoRA, LoRA or full fine-tuning.
 
-    python -m benchmarks.rare_pubmedqa --settings ... --method ssmlora ...   the runner (benchmarks/rare_pubmedqa/runner.py)
+    python -m benchmarks.rare_pubmedqa --settings ... --method ssmlora ...   the runner (rare_pubmedqa/runner.py)
     python -m benchmarks.rare_pubmedqa tables    rebuild results/runs.csv and every table from the stored runs
 
 Grid: benchmarks/rare_pubmedqa/grids/rare_pubmedqa.sh. Results: benchmarks/rare_pubmedqa/results/<device>/.

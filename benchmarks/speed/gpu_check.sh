@@ -7,7 +7,7 @@
 # Results land in benchmarks/speed/results/{model,step}/<card>/ in the working tree; $OUT (default
 # benchmarks/speed/results/gpu_check) gets at most 6 files: pytest.txt, bench.log, the two benchmark tables and
 # results.tgz with every CSV/JSON (unpack it in the repository root). Runs from the repository root without
-# installing the package. Earlier runs: benchmarks/speed/results/step/nvidia-h100-80gb-hbm3/README.md.
+# installing the package. Earlier runs: benchmarks/speed/results/archive/step/nvidia-h100-80gb-hbm3/README.md.
 #
 #   bash benchmarks/speed/gpu_check.sh            # on a machine with a CUDA GPU, torch, triton and peft
 set -uo pipefail

@@ -1,6 +1,6 @@
 """Whole-model training step, SSMLoRA vs peft LoRA, on a Llama-shaped model: tokens/s, step-time ratio, peak memory.
 
-The per-layer microbenchmark (`bench_step.py`) is not what a user feels; this is: one optimizer step (forward,
+The per-layer microbenchmark (`speed/step.py`) is not what a user feels; this is: one optimizer step (forward,
 backward, AdamW) of a whole decoder with each method's adapter, at tokens-per-step from 2k to 64k.
 
 Model: `LlamaForCausalLM` built from a config with random weights (speed does not depend on the values), frozen and
@@ -19,11 +19,11 @@ Timing: all methods live in one process and take turns step by step (the order r
 in the machine's load hits them alike; medians and 20/80 percentiles over `--steps` steps after `--warmup`. Peak
 memory (CUDA): the most memory allocated during a step above what was allocated before it (activations, gradients,
 optimizer transients; the shared base weights are not in it). Each (tokens, checkpointing) point is one run in the
-run store (`benchmarks.harness.RunStore`): a rerun with the same identity skips it (`--force` measures again).
+run store (`benchmarks.harness.store.RunStore`): a rerun with the same identity skips it (`--force` measures again).
 
-    python -m benchmarks.speed model                          # GPU: 8b shapes, 2k..64k tokens, with/without checkpointing
+    python -m benchmarks.speed model                        # GPU: 8b shapes, 2k..64k tokens, with/without checkpointing
     python -m benchmarks.speed model --preset 1b --tokens 4096 16384
-    python -m benchmarks.speed model --preset cpu --threads 1 # CPU: small preset, 512 and 2048 tokens
+    python -m benchmarks.speed model --preset cpu --threads 1   # CPU: small preset, 512 and 2048 tokens
 
 Writes to `--out-dir` (default `benchmarks/speed/results/model/<device>`): one JSON per point, and rebuilt from all
 of them after every point `bench_model_<tag>.csv` (long form, one row per method / mode / tokens / metric, like
@@ -310,7 +310,8 @@ def main(argv=None) -> int:
     for tokens in args.tokens:
         for ckpt in checkpointing:
             name = f"{tag}-t{tokens}-{'ckpt' if ckpt else 'nockpt'}"
-            identity = run_identity({**settings, "point_tokens": tokens, "point_checkpointing": ckpt}, runner=__spec__.name)
+            identity = run_identity({**settings, "point_tokens": tokens, "point_checkpointing": ckpt},
+                                    runner=__spec__.name)
             if args.force or store.needs_run(name, identity):
                 todo.append((name, identity, tokens, ckpt))
     if todo:

@@ -28,7 +28,8 @@ def test_identity_changes_with_arguments_data_and_model_only(data_file):
     base = run_identity({"k": 3, "lr": 1e-3}, model="m", data_files=[data_file], runner=RUNNER)
     assert run_identity({"lr": 1e-3, "k": 3}, model="m", data_files=[data_file], runner=RUNNER)["hash"] == base["hash"]
     assert run_identity({"k": 1, "lr": 1e-3}, model="m", data_files=[data_file], runner=RUNNER)["hash"] != base["hash"]
-    assert run_identity({"k": 3, "lr": 1e-3}, model="other", data_files=[data_file], runner=RUNNER)["hash"] != base["hash"]
+    other_model = run_identity({"k": 3, "lr": 1e-3}, model="other", data_files=[data_file], runner=RUNNER)
+    assert other_model["hash"] != base["hash"]
     data_file.write_text("sentence\tlabel\ngood\t1\nbad\t1\n")  # same size, other contents
     changed = run_identity({"k": 3, "lr": 1e-3}, model="m", data_files=[data_file], runner=RUNNER)
     assert changed["hash"] != base["hash"]

@@ -74,5 +74,6 @@ def test_runs_csv_holds_current_runs_and_archive_holds_history(tmp_path, monkeyp
 
 def test_speed_runs_split_by_runner_then_device():
     assert tables.device_and_study("speed", tables.Path("model/cpu")) == ("cpu", "model")
-    assert tables.device_and_study("glue", tables.Path("cpu/ablation-rte/lr-select")) == ("cpu", "ablation-rte/lr-select")
+    study = tables.Path("cpu/ablation-rte/lr-select")
+    assert tables.device_and_study("glue", study) == ("cpu", "ablation-rte/lr-select")
     assert tables.device_and_study("glue", tables.Path("grad_norms/cpu")) == ("cpu", "grad_norms")

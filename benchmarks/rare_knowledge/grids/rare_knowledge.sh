@@ -32,7 +32,7 @@ COMMON=(--k 4 --rank 8 --alpha 16 --lr 1e-3 --epochs "${EPOCHS:-1}" --batch-size
         --threads "$THREADS" --output-dir "$OUT")
 for seed in ${SEEDS:-0 1 2}; do
   for method in ${METHODS:-ssmlora lora}; do
-    # RARE's own order (benchmarks.rare_rationales checks the facts it writes): the model writes its rationale
+    # RARE's own order (`python -m benchmarks.rare_knowledge rationales` checks the facts it writes): the model writes its rationale
     # greedily, then yes / no is scored after <answer>
     python -m benchmarks.rare_knowledge "${COMMON[@]}" --seed "$seed" --method "$method" \
       --response-format rationale-answer --rationale-tokens 48 --max-test "${RATIONALE_TEST_N:-100}" \
