@@ -7,7 +7,7 @@
 Grids: benchmarks/glue/grids/*.sh. Results: benchmarks/glue/results/<device>/<study>/ (see results/README.md).
 """
 
-from benchmarks.harness.cli import run_suite
+from benchmarks.harness.suite import run_suite
 
 SUBCOMMANDS = {"tables": "benchmarks.glue.tables", "grad_norms": "benchmarks.glue.grad_norms"}
 

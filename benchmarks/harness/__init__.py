@@ -6,5 +6,7 @@
     identity      a run's identity: arguments, model, data files, versions, code
     store         the run store (one JSON per run, resumed only when identical) and atomic writes
     report        markdown and CSV tables
-    cli           argparse types and the subcommand dispatch of a suite's `__main__`
+    cli           argparse types that name the bad value
+    suite         the subcommand dispatch of a suite's `__main__`
+    tables        the long-form `runs.csv` of each suite and its study tables, rebuilt from the stored runs
 """

@@ -8,7 +8,7 @@
 Grid: benchmarks/rare_knowledge/grids/rare_knowledge.sh. Results: benchmarks/rare_knowledge/results/<device>/<study>/.
 """
 
-from benchmarks.harness.cli import run_suite
+from benchmarks.harness.suite import run_suite
 
 SUBCOMMANDS = {"tables": "benchmarks.rare_knowledge.tables", "paired": "benchmarks.rare_knowledge.paired",
                "rationales": "benchmarks.rare_knowledge.rationales"}

@@ -6,7 +6,7 @@
 Grid: benchmarks/rare_pubmedqa/grids/rare_pubmedqa.sh. Results: benchmarks/rare_pubmedqa/results/<device>/.
 """
 
-from benchmarks.harness.cli import run_suite
+from benchmarks.harness.suite import run_suite
 
 SUBCOMMANDS = {"tables": "benchmarks.rare_pubmedqa.tables"}
 

@@ -9,7 +9,7 @@
 Results: benchmarks/speed/results/{step,model,collator}/<device>/ (see results/README.md).
 """
 
-from benchmarks.harness.cli import run_suite
+from benchmarks.harness.suite import run_suite
 
 SUBCOMMANDS = {"tables": "benchmarks.speed.tables", "step": "benchmarks.speed.step", "model": "benchmarks.speed.model",
                "collator": "benchmarks.speed.collator"}
