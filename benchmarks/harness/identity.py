@@ -56,22 +56,19 @@ def module_file(name: str) -> Path | None:
     return None
 
 
-@functools.cache
-def _parsed(path: str, size: int, mtime_ns: int) -> ast.Module:
-    return ast.parse(Path(path).read_text(encoding="utf-8"), filename=path)
-
-
-def _tree(path: Path) -> ast.Module:
+def _imported(path: Path, name: str) -> frozenset[str]:
+    """Every module name an import statement of module `name` (at `path`) may load, wherever the statement is (a
+    function's lazy imports count too). `from a import b` yields `a` and `a.b`; names that are not modules are
+    dropped later. Read once per process while the file is unchanged."""
     stat = path.stat()
-    return _parsed(str(path), stat.st_size, stat.st_mtime_ns)
+    return _imported_by(str(path), stat.st_size, stat.st_mtime_ns, name)
 
 
-def _imported(tree: ast.Module, name: str, is_package: bool) -> set[str]:
-    """Every module name an import statement of `tree` may load, wherever the statement is (a function's lazy
-    imports count too). `from a import b` yields `a` and `a.b`; names that are not modules are dropped later."""
-    package = name if is_package else name.rpartition(".")[0]
+@functools.cache
+def _imported_by(path: str, size: int, mtime_ns: int, name: str) -> frozenset[str]:
+    package = name if Path(path).name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(Path(path).read_text(encoding="utf-8"), filename=path)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -82,7 +79,7 @@ def _imported(tree: ast.Module, name: str, is_package: bool) -> set[str]:
                 base = node.module
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
-    return found
+    return frozenset(found)
 
 
 def project_modules(runner: str) -> dict[str, Path]:
@@ -100,8 +97,7 @@ def project_modules(runner: str) -> dict[str, Path]:
             if name in seen or path is None:
                 continue
             seen[name] = path
-            todo += [m for m in _imported(_tree(path), name, path.name == "__init__.py")
-                     if m.split(".")[0] in PROJECT_PACKAGES]
+            todo += [m for m in _imported(path, name) if m.split(".")[0] in PROJECT_PACKAGES]
     return dict(sorted(seen.items()))
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import runpy
 import sys
@@ -77,3 +78,15 @@ def test_speed_runs_split_by_runner_then_device():
     study = tables.Path("cpu/ablation-rte/lr-select")
     assert tables.device_and_study("glue", study) == ("cpu", "ablation-rte/lr-select")
     assert tables.device_and_study("glue", tables.Path("grad_norms/cpu")) == ("cpu", "grad_norms")
+
+
+@pytest.mark.parametrize("suite", tables.SUITES)
+def test_the_committed_long_form_tables_are_those_of_the_stored_runs(suite):
+    """`runs.csv` and `archive/runs.csv` as committed are what `python -m benchmarks.<suite> tables` makes from the
+    stored JSONs (rebuild them after adding or moving runs)."""
+    rows = importlib.import_module(f"benchmarks.{suite}.tables").rows
+    for archived, name in ((False, "runs.csv"), (True, "archive/runs.csv")):
+        built, _ = tables.long_form(suite, rows, archived)
+        committed = tables.results_dir(suite) / name
+        assert tables.csv_of(built) == (committed.read_text() if committed.exists() else tables.csv_of([])), \
+            f"{committed} is out of date: python -m benchmarks.{suite} tables"
