@@ -1,12 +1,14 @@
-"""The benchmark runners of peft-ssmlora, as one package: run them from the repository root with `python -m`.
+"""The benchmarks of peft-ssmlora, one package per suite: run them from the repository root with `python -m`.
 
-    python -m benchmarks.glue ...          GLUE fine-tuning (accuracy, parameters, training throughput)
-    python -m benchmarks.rare_pubmedqa ... RARE vs closed-book training on PubMedQA
-    python -m benchmarks.bench_model ...   whole-model training step: SSMLoRA vs peft LoRA (tokens/s, memory)
-    python -m benchmarks.bench_step ...    the SSMLoRA step and the real adapted layers (eager / compile / Triton)
-    python -m benchmarks.bench_collator ...       RAREDataCollator throughput
-    python -m benchmarks.ssmlora_grad_norms ...   early gradient norms of SSMLoRA vs LoRA
+    python -m benchmarks.speed step|model|collator ...   the SSMLoRA step and layers, the whole-model training step,
+                                                         the RARE collator's throughput
+    python -m benchmarks.glue ...                        GLUE fine-tuning (and `glue grad_norms`, a diagnostic)
+    python -m benchmarks.rare_knowledge ...              RARE where the knowledge must be retrieved (and `paired`,
+                                                         `rationales`: reports over its runs)
+    python -m benchmarks.rare_pubmedqa ...               RARE vs closed-book training on PubMedQA
 
-What they share (model lookup, adapter builder, parameter counts, host info, markdown tables, the run store) lives in
-`benchmarks.common`; results go to `benchmarks/results/<runner>/<device>/` (see `benchmarks/results/README.md`).
+`python -m benchmarks.<suite> --help` lists a suite's commands; `python -m benchmarks.harness.tables` rebuilds every
+suite's long-form `results/runs.csv` (and `results/archive/runs.csv`) and its study tables from the stored runs.
+Each suite keeps its grid scripts in `grids/` and its results in `results/<device>/<study>/` (map: `results/README.md`); what they share (models, adapters, environment,
+run identity, run store, tables) lives in `benchmarks.harness`.
 """

@@ -13,7 +13,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from benchmarks.common import load_tokenizer, offline_model
+from benchmarks.harness.models import load_tokenizer, offline_model
 
 BOS, EOS, EOT, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|pad|>"
 SPECIALS = [BOS, EOS, EOT, PAD, "<|start_header_id|>", "<|end_header_id|>"]

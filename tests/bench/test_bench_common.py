@@ -8,17 +8,13 @@ import os
 import pytest
 from tiny_models import tiny_bert
 
-from benchmarks import common
-from benchmarks.common import (
-    IDENTITY_KEY,
-    RunStore,
-    add_adapter,
-    count_parameters,
-    markdown_table,
-    run_identity,
-    share_frozen_copy,
-    write_json_atomic,
-)
+from benchmarks.harness.adapters import add_adapter, count_parameters, share_frozen_copy
+from benchmarks.harness.identity import IDENTITY_KEY, run_identity
+from benchmarks.harness.report import markdown_table
+from benchmarks.harness.store import RunStore, write_json_atomic
+
+# any project module: what it imports is the code of these runs (tests/bench/test_run_identity.py tests that part)
+RUNNER = "benchmarks.glue.tasks"
 
 
 @pytest.fixture
@@ -29,60 +25,30 @@ def data_file(tmp_path):
 
 
 def test_identity_changes_with_arguments_data_and_model_only(data_file):
-    base = run_identity({"k": 3, "lr": 1e-3}, model="m", data_files=[data_file])
-    assert run_identity({"lr": 1e-3, "k": 3}, model="m", data_files=[data_file])["hash"] == base["hash"]
-    assert run_identity({"k": 1, "lr": 1e-3}, model="m", data_files=[data_file])["hash"] != base["hash"]
-    assert run_identity({"k": 3, "lr": 1e-3}, model="other", data_files=[data_file])["hash"] != base["hash"]
+    base = run_identity({"k": 3, "lr": 1e-3}, model="m", data_files=[data_file], runner=RUNNER)
+    assert run_identity({"lr": 1e-3, "k": 3}, model="m", data_files=[data_file], runner=RUNNER)["hash"] == base["hash"]
+    assert run_identity({"k": 1, "lr": 1e-3}, model="m", data_files=[data_file], runner=RUNNER)["hash"] != base["hash"]
+    other_model = run_identity({"k": 3, "lr": 1e-3}, model="other", data_files=[data_file], runner=RUNNER)
+    assert other_model["hash"] != base["hash"]
     data_file.write_text("sentence\tlabel\ngood\t1\nbad\t1\n")  # same size, other contents
-    changed = run_identity({"k": 3, "lr": 1e-3}, model="m", data_files=[data_file])
+    changed = run_identity({"k": 3, "lr": 1e-3}, model="m", data_files=[data_file], runner=RUNNER)
     assert changed["hash"] != base["hash"]
     assert changed["config"]["data"][0]["size"] == base["config"]["data"][0]["size"]
     assert set(base["config"]) == {"arguments", "model", "data", "versions", "code"}
     assert "torch" in base["config"]["versions"]
 
 
-def test_code_fingerprint_follows_code_not_results(tmp_path, monkeypatch):
-    """A grid resumes across commits of results, and reruns when the code that produced them changes."""
-    (tmp_path / "src" / "pkg").mkdir(parents=True)
-    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
-    (tmp_path / "kernels").mkdir()
-    (tmp_path / "src" / "pkg" / "layer.py").write_text("SCALE = 1\n")
-    monkeypatch.setattr(common, "REPO_ROOT", tmp_path)
-
-    def fingerprint():
-        common.code_fingerprint.cache_clear()
-        return common.code_fingerprint()
-
-    base = fingerprint()
-    (tmp_path / "benchmarks" / "results" / "run.json").write_text("{}")
-    (tmp_path / "benchmarks" / "results" / "plot.py").write_text("# a script stored beside results\n")
-    (tmp_path / "README.md").write_text("docs")
-    assert fingerprint() == base
-    (tmp_path / "src" / "pkg" / "layer.py").write_text("SCALE = 2\n")
-    assert fingerprint() != base
-    common.code_fingerprint.cache_clear()
-    # a runner that names its own code ignores changes elsewhere, and a wrong name is an error, not an empty hash
-    (tmp_path / "src" / "other").mkdir()
-    only_pkg = common.code_fingerprint(("src/pkg",))
-    (tmp_path / "src" / "other" / "tool.py").write_text("X = 1\n")
-    common.code_fingerprint.cache_clear()
-    assert common.code_fingerprint(("src/pkg",)) == only_pkg
-    with pytest.raises(FileNotFoundError, match="src/pgk"):
-        common.code_fingerprint(("src/pgk",))
-    common.code_fingerprint.cache_clear()
-
-
 def test_store_resumes_only_identical_runs(tmp_path, data_file, capsys):
     store = RunStore(tmp_path / "runs")
-    identity = run_identity({"k": 3}, data_files=[data_file])
+    identity = run_identity({"k": 3}, data_files=[data_file], runner=RUNNER)
     assert store.needs_run("rte-lora", identity)
     store.save("rte-lora", {"score": 70.0}, identity)
     assert not store.needs_run("rte-lora", identity)
     assert store.get("rte-lora")[IDENTITY_KEY]["hash"] == identity["hash"]
-    assert store.needs_run("rte-lora", run_identity({"k": 1}, data_files=[data_file]))
+    assert store.needs_run("rte-lora", run_identity({"k": 1}, data_files=[data_file], runner=RUNNER))
     assert "arguments.k: 3 -> 1" in capsys.readouterr().err
     data_file.write_text("truncated\n")
-    assert store.needs_run("rte-lora", run_identity({"k": 3}, data_files=[data_file]))
+    assert store.needs_run("rte-lora", run_identity({"k": 3}, data_files=[data_file], runner=RUNNER))
     assert "data (files or their contents)" in capsys.readouterr().err
 
 
@@ -91,13 +57,13 @@ def test_results_without_identity_are_read_for_tables_but_rerun(tmp_path, capsys
     store = RunStore(tmp_path)
     (tmp_path / "old.json").write_text(json.dumps({"config": {"task": "rte"}, "metrics": {"accuracy": 50.0}}))
     assert store.load() == [{"config": {"task": "rte"}, "metrics": {"accuracy": 50.0}}]
-    assert store.needs_run("old", run_identity({"task": "rte"}))
+    assert store.needs_run("old", run_identity({"task": "rte"}, runner=RUNNER))
     assert "written before run identities" in capsys.readouterr().err
 
 
 def test_a_corrupt_file_is_reported_by_name_and_rerun_never_fatal(tmp_path, capsys):
     store = RunStore(tmp_path)
-    identity = run_identity({"seed": 0})
+    identity = run_identity({"seed": 0}, runner=RUNNER)
     store.save("a", {"score": 1.0}, identity)
     store.save("b", {"score": 2.0}, identity)
     text = store.path("b").read_text()
@@ -112,7 +78,7 @@ def test_a_corrupt_file_is_reported_by_name_and_rerun_never_fatal(tmp_path, caps
 
 def test_writes_are_atomic(tmp_path, monkeypatch):
     store = RunStore(tmp_path)
-    identity = run_identity({"seed": 0})
+    identity = run_identity({"seed": 0}, runner=RUNNER)
     store.save("run", {"score": 1.0}, identity)
     before = store.path("run").read_text()
     with pytest.raises(TypeError):  # a value JSON cannot encode: nothing is written

@@ -1,4 +1,4 @@
-"""`benchmarks/bench_model.py` at the tiny preset: every CPU method trains a whole Llama-shaped model, interleaved,
+"""`benchmarks/speed/model.py` at the tiny preset: every CPU method trains a whole Llama-shaped model, interleaved,
 with and without activation checkpointing; a rerun skips stored points; bad arguments are refused up front."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-import benchmarks.bench_model as bench_model
+import benchmarks.speed.model as bench_model
 
 ARGS = ["--device", "cpu", "--preset", "tiny", "--tokens", "64", "--steps", "2", "--warmup", "0", "--rank", "4"]
 

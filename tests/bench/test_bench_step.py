@@ -1,4 +1,4 @@
-"""`benchmarks/bench_step.py --smoke`: every layer provider runs, and the SSMLoRA layer rows time the real
+"""`benchmarks/speed/step.py --smoke`: every layer provider runs, and the SSMLoRA layer rows time the real
 `peft_ssmlora.Linear` (built by `get_peft_model`) with the step implementation each provider names."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import os
 
-import benchmarks.bench_step as bench_step
+import benchmarks.speed.step as bench_step
 import peft_ssmlora.layer
 from peft_ssmlora.step import IMPL_ENV_VAR
 

@@ -1,4 +1,4 @@
-"""Tests of the GLUE runner `benchmarks/glue.py`: reading GLUE's TSV formats, scoring, and a few training steps of
+"""Tests of the GLUE runner `benchmarks/glue/runner.py`: reading GLUE's TSV formats, scoring, and a few training steps of
 each task family (single sentence, sentence pair, regression, 3-class with two dev sets) on a tiny BERT built from a
 config in a temporary folder, so nothing comes from the Hub."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import benchmarks.glue as glue
-import benchmarks.glue_tasks as glue_tasks
+import benchmarks.glue.runner as glue
+import benchmarks.glue.tasks as glue_tasks
 from benchmarks.harness import stats
 
 WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "fast", "slow", "is", "was", "good", "bad", "movie", "plot", "not", "very"]
@@ -102,7 +102,7 @@ def test_reads_every_glue_layout(glue_dir):
 
 
 def test_metrics_match_known_values():
-    from benchmarks.glue_tasks import compute_metrics, get_task, task_score
+    from benchmarks.glue.tasks import compute_metrics, get_task, task_score
 
     labels = np.array([1, 1, 0, 0, 1])
     logits = np.array([[0, 1], [1, 0], [1, 0], [0, 1], [0, 1]], dtype=float)  # preds 1 0 0 1 1: 3 of 5 right
@@ -224,9 +224,9 @@ def test_a_non_integer_label_names_the_file_and_line(tmp_path):
 
 
 def test_grad_norm_diagnostic_smoke(tiny_bert, glue_dir, tmp_path, capsys):
-    """`benchmarks/ssmlora_grad_norms.py` on the tiny BERT: every variant trains, the table is stored and a rerun
+    """`benchmarks/glue/grad_norms.py` on the tiny BERT: every variant trains, the table is stored and a rerun
     with the same identity is skipped."""
-    import benchmarks.ssmlora_grad_norms as grad_norms
+    import benchmarks.glue.grad_norms as grad_norms
 
     argv = ["--data-dir", str(glue_dir), "--model", str(tiny_bert), "--steps", "3", "--batch-size", "4",
             "--out-dir", str(tmp_path)]

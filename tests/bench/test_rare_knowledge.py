@@ -1,4 +1,4 @@
-"""The knowledge benchmark `benchmarks/rare_knowledge.py`: its generated data, its metrics and its whole pipeline.
+"""The knowledge benchmark `benchmarks/rare_knowledge/runner.py`: its generated data, its metrics and its whole pipeline.
 
 The data tests check the properties the benchmark's conclusions rest on: the files are a pure function of the seed,
 no test entity occurs in a training question, each question needs its two gold passages (both in the corpus), and the
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import rare_knowledge as rk
-from benchmarks import rare_knowledge_data as rkd
-from benchmarks.common import RunStore
+from benchmarks.harness.store import RunStore
+from benchmarks.rare_knowledge import data as rkd
+from benchmarks.rare_knowledge import runner as rk
 
 SMALL = ["--train-drugs", "8", "--test-drugs", "2", "--drugs-per-target", "1", "--edit-fraction", "0.5"]
 

@@ -1,4 +1,4 @@
-"""`benchmarks/rare_paired.py`: accuracy differences between knowledge-benchmark runs on the same questions."""
+"""`benchmarks/rare_knowledge/paired.py`: accuracy differences between knowledge-benchmark runs on the same questions."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import rare_paired as rp
+from benchmarks.rare_knowledge import paired as rp
 
 CURRENT = rp.current_code_and_versions()
 
@@ -94,7 +94,8 @@ def test_a_folder_without_pairs_is_refused(tmp_path):
 
 def test_runs_of_other_code_or_package_versions_are_named_and_left_out(tmp_path):
     stale_code = _result([0, 0, 0, 0], training="sft_closed")
-    stale_code["run_identity"] = {"config": {**CURRENT, "code": {**CURRENT["code"], "sha256": "0" * 64}}}
+    modules = {**CURRENT["code"]["modules"], "benchmarks.rare_knowledge.runner": "0" * 64}
+    stale_code["run_identity"] = {"config": {**CURRENT, "code": {**CURRENT["code"], "modules": modules}}}
     stale_versions = _result([0, 0, 0, 0], training="rare_raft")
     stale_versions["run_identity"] = {"config": {**CURRENT, "versions": {**CURRENT["versions"], "torch": "0.1"}}}
     no_identity = _result([0, 0, 0, 0], test="closed_book")
@@ -103,9 +104,9 @@ def test_runs_of_other_code_or_package_versions_are_named_and_left_out(tmp_path)
                       stale_code, stale_versions, no_identity])
     text = rp.main([str(tmp_path)])
     assert text.startswith("**Left out: 3 run(s) made with other code or package versions")
-    assert "- `run2.json`: made with other code\n" in text
+    assert "- `run2.json`: made with other code (benchmarks.rare_knowledge.runner)\n" in text
     assert "- `run3.json`: made with other package versions\n" in text
-    assert "- `run4.json`: made with other code and package versions\n" in text
+    assert "- `run4.json`: made with other code (no code identity by import) and package versions\n" in text
     # only the two current runs are compared: no SFT, RAFT or closed-book column or comparison
     assert "SSMLoRA minus peft LoRA" in text and "RARE minus closed-book SFT" not in text
     assert "sft_closed" not in text.split("Left out")[1].split("\n\n", 2)[2] and "closed_book |" not in text

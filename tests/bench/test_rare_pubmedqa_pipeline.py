@@ -1,4 +1,4 @@
-"""The RARE-on-PubMedQA runner `benchmarks/rare_pubmedqa.py`, end to end on a tiny randomly initialised Llama.
+"""The RARE-on-PubMedQA runner `benchmarks/rare_pubmedqa/runner.py`, end to end on a tiny randomly initialised Llama.
 
 A handful of PubMedQA-like questions are written in the format of `ori_pqal.json` / `test_ground_truth.json` into
 a temporary folder, and a 2-layer Llama with a tiny BPE tokenizer (Llama-3 chat template; conftest's
@@ -18,7 +18,7 @@ import pytest
 import torch
 from rare_fixtures import make_tokenizer
 
-import benchmarks.rare_pubmedqa as rp
+import benchmarks.rare_pubmedqa.runner as rp
 from rare_data import BM25Retriever, load_pubmedqa
 
 # Eight questions, each with a small abstract of 2-3 passages on its own topic (so BM25 finds them).
@@ -292,9 +292,9 @@ def test_smollm2_answers_are_single_tokens_after_the_tag():
 
 
 def test_collator_benchmark_smoke(pubmedqa_dir, tiny_llama_dir, tmp_path, capsys):
-    """`benchmarks/bench_collator.py` end to end on the toy questions: every configuration measured, stored, and
+    """`benchmarks/speed/collator.py` end to end on the toy questions: every configuration measured, stored, and
     skipped when rerun with the same identity."""
-    import benchmarks.bench_collator as bench_collator
+    import benchmarks.speed.collator as bench_collator
 
     argv = ["--data-dir", str(pubmedqa_dir), "--model", str(tiny_llama_dir), "--examples", "4", "--batch-size", "2",
             "--repeats", "1", "--workers", "0", "--max-length", "512", "--out-dir", str(tmp_path)]

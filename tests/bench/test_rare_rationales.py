@@ -1,4 +1,4 @@
-"""`benchmarks/rare_rationales.py`: the facts a rationale-first model states, checked against the generated world."""
+"""`benchmarks/rare_knowledge/rationales.py`: the facts a rationale-first model states, checked against the generated world."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from benchmarks import rare_knowledge_data as rkd
-from benchmarks import rare_rationales as rr
-from benchmarks.rare_paired import current_code_and_versions
+from benchmarks.rare_knowledge import data as rkd
+from benchmarks.rare_knowledge import rationales as rr
+from benchmarks.rare_knowledge.paired import current_code_and_versions
 
 
 @pytest.fixture(scope="module")
