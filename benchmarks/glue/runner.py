@@ -35,13 +35,13 @@ from benchmarks.glue.tasks import (
     majority_metrics,
     task_score,
 )
+from benchmarks.harness import stats
 from benchmarks.harness.adapters import add_adapter, count_parameters, is_head_parameter
 from benchmarks.harness.environment import host_info
 from benchmarks.harness.identity import run_identity
 from benchmarks.harness.models import offline_model
 from benchmarks.harness.report import markdown_table
 from benchmarks.harness.store import RunStore, write_text_atomic
-from benchmarks.harness import stats
 
 # `lora-sparse` and `lora-half` are the two ablations of SSMLoRA's state path: LoRA on exactly SSMLoRA's modules
 # (q in even, v in odd layers) without the state, and LoRA on LoRA's modules at half the rank (SSMLoRA's parameter

@@ -37,12 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.harness import stats
 from benchmarks.harness.environment import package_versions
 from benchmarks.harness.identity import IDENTITY_KEY, code_changes, code_identity
 from benchmarks.harness.report import markdown_table
 from benchmarks.harness.store import write_text_atomic
 from benchmarks.rare_knowledge import runner as rk
-from benchmarks.harness import stats
 
 # (title, the field that differs, first, second); every other field of KEY is held equal
 COMPARISONS = [

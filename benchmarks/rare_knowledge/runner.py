@@ -76,9 +76,9 @@ from benchmarks.harness.environment import device_tag, host_info
 from benchmarks.harness.identity import arguments_of, run_identity
 from benchmarks.harness.models import load_causal_lm, load_tokenizer, model_short_name, require_model
 from benchmarks.harness.report import markdown_table
+from benchmarks.harness.stats import auc  # the one AUC of every runner (scikit-learn's)
 from benchmarks.harness.store import RunStore, write_text_atomic
 from benchmarks.rare_knowledge import data as rkd
-from benchmarks.harness.stats import auc  # the one AUC of every runner (scikit-learn's)
 from rare_data import BM25Retriever, ChoiceScorer, PromptTemplate, RAREDataCollator, RAREEpochCallback
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
+from benchmarks.harness import stats
 from benchmarks.harness.adapters import add_adapter, count_parameters
 from benchmarks.harness.cli import non_negative_int, positive_float, positive_int
 from benchmarks.harness.environment import device_tag, host_info
@@ -58,7 +59,6 @@ from benchmarks.harness.identity import arguments_of, run_identity
 from benchmarks.harness.models import load_causal_lm, load_tokenizer, model_short_name, require_model
 from benchmarks.harness.report import markdown_table
 from benchmarks.harness.store import RunStore, write_text_atomic
-from benchmarks.harness import stats
 from rare_data import (
     BM25Retriever,
     ChoiceScorer,
