@@ -99,6 +99,41 @@ class SSMLoRAModel(BaseTuner):
                     f"lists are {layer_lists}. Set `layers_pattern` to the last part of one of them (e.g. 'layers')."
                 )
 
+    def _validate_placement(self, config: SSMLoRAConfig, model: nn.Module) -> None:
+        """Every listed module name (an interval module, or an entry of a target list) must be adapted somewhere:
+        five interval modules on a four-layer model, or `layers_to_transform` missing every layer that holds a
+        target, would otherwise leave that module unadapted without a word."""
+        listed = list(config.interval_modules or ())
+        if isinstance(config.target_modules, (set, list)):
+            listed += sorted(name for name in config.target_modules if name not in listed)
+        if not listed:
+            return
+        candidates = [key for key, module in model.named_modules()
+                      if isinstance(module, (nn.Linear, Conv1D, SSMLoRALayer)) and not key.endswith(".base_layer")]
+        adapted = [key for key in candidates if _is_adapted(self._check_target_module_exists(config, key))]
+        for name in listed:
+            if any(_name_matches(key, name) for key in adapted):
+                continue
+            indices = sorted({layer_index(key, config.layers_pattern) for key in candidates
+                              if _name_matches(key, name)} - {None})
+            slot = _interval_slot(config, name)
+            if slot is not None:
+                period = max(2, len(config.interval_modules))
+                raise ValueError(
+                    f"Interval module {name!r} is adapted nowhere: at place {slot} of the {len(config.interval_modules)} "
+                    f"`interval_modules` it is adapted in the layers i with i % {period} == {slot}, but it sits in "
+                    f"layers {indices}"
+                    + (f", of which `layers_to_transform` keeps {config.layers_to_transform}" if
+                       config.layers_to_transform is not None else "")
+                    + f". List at most as many interval modules as the model has layers, add a layer i with "
+                    f"i % {period} == {slot} to `layers_to_transform`, or remove it from `interval_modules`."
+                )
+            raise ValueError(
+                f"Target module {name!r} is adapted nowhere: it sits in layers {indices}, and `layers_to_transform` "
+                f"{config.layers_to_transform!r} / `exclude_modules` {config.exclude_modules!r} leave none of them. "
+                "Remove it from `target_modules` or widen `layers_to_transform`."
+            )
+
     def _check_target_module_exists(self, peft_config: SSMLoRAConfig, key: str):  # type: ignore[override]
         matched = check_target_module_exists(peft_config, key)
         if not matched or isinstance(matched, _ExcludedModule):
@@ -135,6 +170,7 @@ class SSMLoRAModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         config = self.peft_config[adapter_name]
         self._validate_against_model(self._prepare_adapter_config(config, self.get_model_config(model)), model)
+        self._validate_placement(config, model)
         super().inject_adapter(model, adapter_name, **kwargs)
         self._link_chains(model, adapter_name)
         self._install_forward_hooks(model)
@@ -209,6 +245,11 @@ class SSMLoRAModel(BaseTuner):
     def _remove_forward_hooks(self) -> None:
         while self._ssmlora_hooks:
             self._ssmlora_hooks.pop().remove()
+
+
+def _is_adapted(matched: Any) -> bool:
+    """What `_check_target_module_exists` returns for a module that is adapted (a bool or a regex match)."""
+    return bool(matched) and not isinstance(matched, _ExcludedModule)
 
 
 def _chain_owners(model: nn.Module) -> list[nn.Module]:
