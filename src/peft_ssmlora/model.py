@@ -100,39 +100,37 @@ class SSMLoRAModel(BaseTuner):
                 )
 
     def _validate_placement(self, config: SSMLoRAConfig, model: nn.Module) -> None:
-        """Every listed module name (an interval module, or an entry of a target list) must be adapted somewhere:
-        five interval modules on a four-layer model, or `layers_to_transform` missing every layer that holds a
-        target, would otherwise leave that module unadapted without a word."""
-        listed = list(config.interval_modules or ())
-        if isinstance(config.target_modules, (set, list)):
-            listed += sorted(name for name in config.target_modules if name not in listed)
-        if not listed:
-            return
+        """Every listed module must be adapted somewhere. An interval module whose slot no layer of the model has
+        (five interval modules on a four-layer model), or a listed target that `layers_to_transform` /
+        `exclude_modules` leave nowhere, would otherwise be dropped without a word. (`layers_to_transform` may
+        leave out the layers of one interval module: the default placement with `layers_to_transform=[0]` adapts
+        only the query, as a saved adapter of that kind must load again.)"""
         candidates = [key for key, module in model.named_modules()
                       if isinstance(module, (nn.Linear, Conv1D, SSMLoRALayer)) and not key.endswith(".base_layer")]
-        adapted = [key for key in candidates if _is_adapted(self._check_target_module_exists(config, key))]
-        for name in listed:
-            if any(_name_matches(key, name) for key in adapted):
-                continue
+        period = max(2, len(config.interval_modules or ()))
+        for slot, name in enumerate(config.interval_modules or ()):
             indices = sorted({layer_index(key, config.layers_pattern) for key in candidates
                               if _name_matches(key, name)} - {None})
-            slot = _interval_slot(config, name)
-            if slot is not None:
-                period = max(2, len(config.interval_modules))
+            if indices and not any(index % period == slot for index in indices):
                 raise ValueError(
-                    f"Interval module {name!r} is adapted nowhere: at place {slot} of the {len(config.interval_modules)} "
-                    f"`interval_modules` it is adapted in the layers i with i % {period} == {slot}, but it sits in "
-                    f"layers {indices}"
-                    + (f", of which `layers_to_transform` keeps {config.layers_to_transform}" if
-                       config.layers_to_transform is not None else "")
-                    + f". List at most as many interval modules as the model has layers, add a layer i with "
-                    f"i % {period} == {slot} to `layers_to_transform`, or remove it from `interval_modules`."
+                    f"Interval module {name!r} is adapted nowhere: at place {slot} of the "
+                    f"{len(config.interval_modules)} `interval_modules` it is adapted in the layers i with "
+                    f"i % {period} == {slot}, but the model has it only in layers {indices}. List at most as many "
+                    "interval modules as the model has layers, or remove it from `interval_modules`."
                 )
-            raise ValueError(
-                f"Target module {name!r} is adapted nowhere: it sits in layers {indices}, and `layers_to_transform` "
-                f"{config.layers_to_transform!r} / `exclude_modules` {config.exclude_modules!r} leave none of them. "
-                "Remove it from `target_modules` or widen `layers_to_transform`."
-            )
+        if isinstance(config.target_modules, (set, list)):
+            # peft's own matching: names, `layers_to_transform`, `exclude_modules` (before any staggering)
+            kept = [key for key in candidates if _is_adapted(check_target_module_exists(config, key))]
+            for name in sorted(config.target_modules):
+                if not any(_name_matches(key, name) for key in kept):
+                    indices = sorted({layer_index(key, config.layers_pattern) for key in candidates
+                                      if _name_matches(key, name)} - {None})
+                    raise ValueError(
+                        f"Target module {name!r} is adapted nowhere: the model has it in layers {indices}, and "
+                        f"`layers_to_transform` {config.layers_to_transform!r} / `exclude_modules` "
+                        f"{config.exclude_modules!r} leave none of them. Remove it from `target_modules` or widen "
+                        "`layers_to_transform`."
+                    )
 
     def _check_target_module_exists(self, peft_config: SSMLoRAConfig, key: str):  # type: ignore[override]
         matched = check_target_module_exists(peft_config, key)
