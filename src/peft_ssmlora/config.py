@@ -37,6 +37,9 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "gemma": ["q_proj", "v_proj"],
     "gemma2": ["q_proj", "v_proj"],
     "phi3": ["qkv_proj"],
+    # encoder-decoders: every attention's query and value (self- and cross-attention), as in peft's LoRA defaults
+    "t5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
 }
 
 
