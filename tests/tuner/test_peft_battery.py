@@ -95,7 +95,12 @@ class _StackedBlock(nn.Module):
 
 
 class StackedModel(nn.Module):
-    """`layers.0` … `layers.3`, each with `q` and `v`: chains of length 4 (peft's MLPs give chains of length 1)."""
+    """`layers.0` … `layers.3`, each with `q` and `v`: chains of length 4 (peft's MLPs give chains of length 1).
+
+    A LayerNorm first, as in transformers' stacks: peft feeds raw token ids (0 … 89) as features, and its training
+    test (SGD at lr 0.5, `init_weights=False`) drives this residual stack to NaN without it, with the normalisation
+    gradient of the "normgrad" branch (norm_grad_floor) as well as without.
+    """
 
     def __init__(self, conv1d: bool, num_layers: int = 4, size: int = 10) -> None:
         super().__init__()
