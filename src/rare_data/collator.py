@@ -130,10 +130,6 @@ class _TokenCache:
         while self.nbytes > self.max_bytes:
             self.nbytes -= self._entries.popitem(last=False)[1][1]
 
-    def clear(self) -> None:
-        self._entries.clear()
-        self.nbytes = 0
-
 
 def _stable_int(value: Any) -> int:
     """A process-independent 64-bit integer for an example id (Python's ``hash`` is salted per process)."""
