@@ -49,6 +49,15 @@ FIXED_ON_OTHER_BRANCHES: dict[str, str] = {
 # peft's tests that merge the adapter into the base weights (or unmerge it): SSMLoRA refuses by design, since its
 # update depends on the state carried along the chain (src/peft_ssmlora/layer.py, MERGE_REFUSED). They must keep
 # failing with exactly that error.
+# peft's check that every trainable adapter parameter changes after three SGD steps: an SSMLoRA module's C multiplies
+# the state coming from the module before it in the chain, and the first module of a chain has none (zero, by the
+# method), so its C never gets a gradient; elsewhere zero-initialised B, C, D need more than three steps to give C one.
+# Seen once the deepcopy at the test's start works (branch "faults"); until then FIXED_ON_OTHER_BRANCHES takes over.
+ZERO_STATE_TESTS = {
+    "test_only_params_are_updated": "by design: C of a chain's first module multiplies a zero incoming state and never "
+                                    "trains",
+}
+
 MERGE_REFUSAL = pytest.RaisesExc(NotImplementedError, match=f"^{re.escape(MERGE_REFUSED)}$")
 MERGING_TESTS = {
     "test_merge_layers", "test_merge_layers_fp16", "test_merge_layers_nan", "test_merge_layers_multi",
@@ -70,6 +79,8 @@ def _expectation(test: str, value: object) -> list[pytest.MarkDecorator]:
     """The marks one of our parameter values gets in `test` (every value alike: the reasons hold for every case)."""
     if test in FIXED_ON_OTHER_BRANCHES:
         return [pytest.mark.xfail(reason=FIXED_ON_OTHER_BRANCHES[test], strict=False)]
+    if test in ZERO_STATE_TESTS:
+        return [pytest.mark.xfail(raises=AssertionError, strict=True, reason=ZERO_STATE_TESTS[test])]
     if test in MERGING_TESTS:
         return [pytest.mark.xfail(raises=MERGE_REFUSAL, strict=True, reason=f"by design: {MERGE_REFUSED}")]
     return []
