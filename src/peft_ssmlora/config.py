@@ -37,6 +37,9 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "gemma": ["q_proj", "v_proj"],
     "gemma2": ["q_proj", "v_proj"],
     "phi3": ["qkv_proj"],
+    # encoder-decoders: every attention's query and value (self- and cross-attention), as in peft's LoRA defaults
+    "t5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
 }
 
 
@@ -135,6 +138,7 @@ class SSMLoRAConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = SSMLoRAPeftType.SSMLORA
+        self._check_types()
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -142,7 +146,7 @@ class SSMLoRAConfig(PeftConfig):
         if isinstance(self.interval_modules, str):
             self.interval_modules = [self.interval_modules]
 
-        if not isinstance(self.r, int) or self.r < 1:
+        if self.r < 1:
             raise ValueError(f"`r` must be an integer >= 1, got {self.r!r}. Use r >= 2 (e.g. r=8).")
         if self.r < 2:
             warnings.warn(
@@ -168,8 +172,6 @@ class SSMLoRAConfig(PeftConfig):
             raise ValueError(f"`state_grad` must be 'detach' or 'full', got {self.state_grad!r}.")
         if self.bias not in ("none", "all", "ssmlora_only"):
             raise ValueError(f"`bias` must be 'none', 'all' or 'ssmlora_only', got {self.bias!r}.")
-        if self.init_weights not in (True, False, "gaussian", "kaiming"):
-            raise ValueError(f"`init_weights` must be True, False, 'gaussian' or 'kaiming', got {self.init_weights!r}.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError(
                 "`layers_to_transform` cannot be combined with a regex `target_modules`; pass a list of module "
@@ -178,7 +180,68 @@ class SSMLoRAConfig(PeftConfig):
         if self.interval_modules is not None and len(self.interval_modules) == 0:
             raise ValueError("`interval_modules` is empty; pass None to adapt every target in every layer.")
 
+    def _check_types(self) -> None:
+        """Type errors that name the field and the fix. A hand-edited `adapter_config.json` reaches this too (peft
+        builds the config from its fields), where `"false"` (a string) would otherwise be truthy and `1` pass as
+        `True`."""
+        for name in ("scale_by_rank", "inference_mode"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise _field_type_error(name, value, "a bool", "Write true or false (in JSON: without quotes).")
+        if not _is_int(self.r):
+            raise _field_type_error("r", self.r, "an integer >= 1", "Use an integer rank, e.g. r=8.")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) or _is_sequence_of(value, str)):
+                raise _field_type_error(
+                    name, value, "a list of module names, a regex string or None",
+                    f'Write e.g. {name}=["q_proj", "v_proj"] (in JSON: a list of strings).')
+        for name in ("interval_modules", "layers_pattern"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) or _is_sequence_of(value, str, ordered=True)):
+                example = '["q_proj", "v_proj"]' if name == "interval_modules" else '"layers"'
+                raise _field_type_error(name, value, "a list of module names, a string or None",
+                                        f"Write e.g. {name}={example} (in JSON: strings in quotes).")
+        if self.modules_to_save is not None and not _is_sequence_of(self.modules_to_save, str):
+            raise _field_type_error("modules_to_save", self.modules_to_save, "a list of module names or None",
+                                    'Write e.g. modules_to_save=["classifier"].')
+        value = self.layers_to_transform
+        if value is not None and not (_is_int(value) or (_is_sequence_of(value, int, ordered=True)
+                                                         and all(_is_int(i) for i in value))):
+            raise _field_type_error("layers_to_transform", value, "a layer index, a list of layer indices or None",
+                                    "Write e.g. layers_to_transform=[0, 1, 2] (in JSON: numbers without quotes).")
+        value = self.init_weights
+        if not isinstance(value, bool) and value not in ("gaussian", "kaiming"):
+            raise _field_type_error("init_weights", value, "True, False, 'gaussian' or 'kaiming'",
+                                    "Write true or false without quotes in JSON, or one of the two strings.")
+        value = self.trainable_token_indices
+        if value is not None and not _is_index_list(value) and not (
+            isinstance(value, dict) and all(isinstance(k, str) and _is_index_list(v) for k, v in value.items())
+        ):
+            raise _field_type_error(
+                "trainable_token_indices", value, "a list of token indices or a dict {embedding name: indices}",
+                'Write e.g. trainable_token_indices=[0, 5] or {"embed_tokens": [0, 5]}.')
+
     @property
     def scaling(self) -> float:
         """The factor on the low-rank update: `lora_alpha / r` or raw `lora_alpha` (see `scale_by_rank`)."""
         return self.lora_alpha / self.r if self.scale_by_rank else float(self.lora_alpha)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_sequence_of(value: object, item_type: type, *, ordered: bool = False) -> bool:
+    """A list or tuple (or, unless `ordered`, a set) whose items all are `item_type`."""
+    containers = (list, tuple) if ordered else (list, tuple, set, frozenset)
+    return isinstance(value, containers) and all(isinstance(item, item_type) for item in value)
+
+
+def _is_index_list(value: object) -> bool:
+    return isinstance(value, (list, tuple)) and all(_is_int(i) for i in value)
+
+
+def _field_type_error(name: str, value: object, expected: str, fix: str) -> TypeError:
+    got = f"the string {value!r}" if isinstance(value, str) else f"{value!r} (type {type(value).__name__})"
+    return TypeError(f"SSMLoRAConfig field `{name}` must be {expected}, got {got}. {fix}")

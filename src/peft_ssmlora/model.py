@@ -102,6 +102,39 @@ class SSMLoRAModel(BaseTuner):
                     f"lists are {layer_lists}. Set `layers_pattern` to the last part of one of them (e.g. 'layers')."
                 )
 
+    def _validate_placement(self, config: SSMLoRAConfig, model: nn.Module) -> None:
+        """Every listed module must be adapted somewhere. An interval module whose slot no layer of the model has
+        (five interval modules on a four-layer model), or a listed target that `layers_to_transform` /
+        `exclude_modules` leave nowhere, would otherwise be dropped without a word. (`layers_to_transform` may
+        leave out the layers of one interval module: the default placement with `layers_to_transform=[0]` adapts
+        only the query, as a saved adapter of that kind must load again.)"""
+        candidates = [key for key, module in model.named_modules()
+                      if isinstance(module, (nn.Linear, Conv1D, SSMLoRALayer)) and not key.endswith(".base_layer")]
+        period = max(2, len(config.interval_modules or ()))
+        for slot, name in enumerate(config.interval_modules or ()):
+            indices = sorted({layer_index(key, config.layers_pattern) for key in candidates
+                              if _name_matches(key, name)} - {None})
+            if indices and not any(index % period == slot for index in indices):
+                raise ValueError(
+                    f"Interval module {name!r} is adapted nowhere: at place {slot} of the "
+                    f"{len(config.interval_modules)} `interval_modules` it is adapted in the layers i with "
+                    f"i % {period} == {slot}, but the model has it only in layers {indices}. List at most as many "
+                    "interval modules as the model has layers, or remove it from `interval_modules`."
+                )
+        if isinstance(config.target_modules, (set, list)):
+            # peft's own matching: names, `layers_to_transform`, `exclude_modules` (before any staggering)
+            kept = [key for key in candidates if _is_adapted(check_target_module_exists(config, key))]
+            for name in sorted(config.target_modules):
+                if not any(_name_matches(key, name) for key in kept):
+                    indices = sorted({layer_index(key, config.layers_pattern) for key in candidates
+                                      if _name_matches(key, name)} - {None})
+                    raise ValueError(
+                        f"Target module {name!r} is adapted nowhere: the model has it in layers {indices}, and "
+                        f"`layers_to_transform` {config.layers_to_transform!r} / `exclude_modules` "
+                        f"{config.exclude_modules!r} leave none of them. Remove it from `target_modules` or widen "
+                        "`layers_to_transform`."
+                    )
+
     def _check_target_module_exists(self, peft_config: SSMLoRAConfig, key: str):  # type: ignore[override]
         matched = check_target_module_exists(peft_config, key)
         if not matched or isinstance(matched, _ExcludedModule):
@@ -138,6 +171,7 @@ class SSMLoRAModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         config = self.peft_config[adapter_name]
         self._validate_against_model(self._prepare_adapter_config(config, self.get_model_config(model)), model)
+        self._validate_placement(config, model)
         super().inject_adapter(model, adapter_name, **kwargs)
         self._link_chains(model, adapter_name)
         self._install_forward_hooks(model)
@@ -219,6 +253,11 @@ def _chain_context_of(model: nn.Module) -> ChainContext | None:
         if isinstance(module, SSMLoRALayer) and module.ssmlora_context is not None:
             return module.ssmlora_context
     return None
+
+
+def _is_adapted(matched: Any) -> bool:
+    """What `_check_target_module_exists` returns for a module that is adapted (a bool or a regex match)."""
+    return bool(matched) and not isinstance(matched, _ExcludedModule)
 
 
 def _chain_owners(model: nn.Module) -> list[nn.Module]:

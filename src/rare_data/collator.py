@@ -10,7 +10,12 @@ It never searches the token stream for a template string, and truncation never t
 question: passages are capped to ``max_passage_tokens``, then shortened to a budget-sized common cap
 (``passage_fit="shorten"``) and/or dropped lowest-ranked first; an example that does not fit without any passage
 is dropped (counted, with a warning) or raises, as ``on_overflow`` says. Each batch is tokenised with one
-tokenizer call for the prompts and one for the responses; passage token ids are cached per process.
+tokenizer call for the prompts and one for the responses; passage token ids are cached per process, within a byte
+budget (``token_cache_bytes``).
+
+Record text never becomes control tokens: the question and the passages are tokenised with special-token splitting
+(``split_special_tokens=True``), so a passage that contains ``<|eot_id|>`` or ``<|im_start|>`` shows those
+characters as text; only the chat template's own markers are special tokens.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
+import sys
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,8 +68,11 @@ class EncodedExample:
     passages: list[RetrievedPassage] = field(default_factory=list)
 
 
-# Passages whose token ids are cached per process (a corpus larger than this restarts the cache).
-_CACHE_SIZE = 500_000
+# Default byte budget of the per-process passage token-id cache (ids stored as int32: 4 bytes a token, plus the
+# passage text); least recently used passages are evicted beyond it.
+DEFAULT_TOKEN_CACHE_BYTES = 256 * 2**20
+# Stands in for the user message when the chat template is rendered once to find its own text around it.
+_USER_PLACEHOLDER = "\x00RARE-USER-MESSAGE\x00"
 
 
 def _capped_length(length: int, cap: int | None) -> int:
@@ -78,6 +88,47 @@ def _water_level(sorted_lengths: Sequence[int], budget: int) -> int:
             return share
         remaining -= length
     return sorted_lengths[-1] if sorted_lengths else 0
+
+
+def _check_encodable(text: str, key: Any, field: str) -> None:
+    """Refuse text that no tokenizer can read (a lone surrogate, e.g. from a bad JSON escape) with its origin."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"example {key!r}: {field} holds {text[err.start:err.end]!r} at character {err.start}, which "
+                         f"cannot be encoded as UTF-8 ({err.reason}): fix or drop that record") from None
+
+
+class _TokenCache:
+    """Token ids per text (int32 arrays), least recently used evicted beyond a byte budget."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Any) -> Any:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key: Any, value: Any, nbytes: int) -> None:
+        if key in self._entries:
+            self.nbytes -= self._entries.pop(key)[1]
+        if nbytes > self.max_bytes:  # larger than the whole budget: not cached
+            return
+        self._entries[key] = (value, nbytes)
+        self.nbytes += nbytes
+        while self.nbytes > self.max_bytes:
+            self.nbytes -= self._entries.popitem(last=False)[1][1]
 
 
 def _stable_int(value: Any) -> int:
@@ -135,6 +186,9 @@ class RAREDataCollator:
             token in plain mode).
         setting: Which passages to show: ``"retrieval"`` (default), ``"closed_book"``, ``"oracle"`` (gold only)
             or ``"distractors"`` (non-gold only) -- the evaluation settings of the RARE paper.
+        token_cache_bytes: Byte budget of the passage token-id cache (default ``DEFAULT_TOKEN_CACHE_BYTES``,
+            256 MiB: about 40 million passage tokens with their text); least recently used passages are evicted
+            beyond it. The cache belongs to the collator and is freed with it.
 
 
     Attributes:
@@ -153,7 +207,7 @@ class RAREDataCollator:
                  distractor_pool: int | None = None, shuffle_passages: bool = False, seed: int = 0,
                  padding_free: bool = False, pad_to_multiple_of: int | None = None,
                  use_chat_template: bool | None = None, end_of_turn: str | None = None,
-                 setting: str = "retrieval"):
+                 setting: str = "retrieval", token_cache_bytes: int = DEFAULT_TOKEN_CACHE_BYTES):
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         if max_length <= 0:
@@ -172,6 +226,8 @@ class RAREDataCollator:
             raise ValueError(f"p_keep_gold is a probability in [0, 1], got {p_keep_gold}")
         if setting not in SETTINGS:
             raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+        if token_cache_bytes < 0:
+            raise ValueError(f"token_cache_bytes must be >= 0, got {token_cache_bytes}")
         if use_chat_template and not getattr(tokenizer, "chat_template", None):
             raise ValueError("use_chat_template=True but the tokenizer has no chat_template: set one or pass "
                              "use_chat_template=None for the plain-text layout")
@@ -195,11 +251,17 @@ class RAREDataCollator:
         self.epoch = 0
         self.num_dropped = 0
         self.stats: Counter[str] = Counter()
-        # The corpus is static: token ids of every passage seen, and of its fixed-cap cut, are kept per process.
-        self._passage_ids_cache: dict[str, list[int]] = {}
-        self._capped_text_cache: dict[tuple[str, int], str] = {}
+        # The corpus is static: token ids of every passage seen, and the text of its fixed-cap cut, are kept per
+        # process within one byte budget.
+        self.token_cache_bytes = token_cache_bytes
+        self._passage_ids_cache = _TokenCache(token_cache_bytes)
         self.chat = bool(getattr(tokenizer, "chat_template", None)) if use_chat_template is None else use_chat_template
         self._checked_template = False
+        self._frames: dict[tuple, str] = {}  # the template rendered around a placeholder user message
+        self._special_tokens = self._special_token_strings()
+        self._special_token_pattern = (re.compile("|".join(map(re.escape, self._special_tokens)))
+                                       if self._special_tokens else None)
+        self._check_special_tokens_stay_text()
         self._bos_prefix = self._special_prefix()
         self._eot_ids = self._end_of_turn_ids(end_of_turn)
         self._pad_id = self._pad_token_id()
@@ -208,28 +270,115 @@ class RAREDataCollator:
     def _ids(self, text: str) -> list[int]:
         return self._ids_batch([text])[0]
 
-    def _ids_batch(self, texts: list[str]) -> list[list[int]]:
+    def _ids_batch(self, texts: list[str], *, as_text: bool = False) -> list[list[int]]:
         """One tokenizer call for many texts (fast tokenizers encode a batch in parallel, in Rust).
+
+        ``as_text``: special-token strings inside the texts stay text (``split_special_tokens=True``): for record
+        text (questions, passages), which must never produce control tokens. Otherwise they are special tokens,
+        as the chat template's own markers must be.
 
         A fast tokenizer's ``__call__`` spends about a third of its time building offsets and Python objects
         the collator never reads; when the Rust tokenizer is in the state that call would put it in (no
-        truncation, no padding, special-token splitting as configured), ``encode_batch_fast`` returns the same
-        ids without them. Any other state, or a slow tokenizer, takes the ordinary call, which sets that state.
+        truncation, no padding), ``encode_batch_fast`` returns the same ids without them, with the special-token
+        splitting set for this call and restored after it. Any other state, or a slow tokenizer, takes the
+        ordinary call.
         """
         if not texts:
             return []
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if (backend is not None and hasattr(backend, "encode_batch_fast") and backend.truncation is None
-                and backend.padding is None
-                and backend.encode_special_tokens == bool(getattr(self.tokenizer, "split_special_tokens", False))):
-            return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+                and backend.padding is None):
+            previous = backend.encode_special_tokens
+            backend.encode_special_tokens = as_text
+            try:
+                return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+            finally:
+                backend.encode_special_tokens = previous
+        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=as_text)["input_ids"]
+
+    def _special_token_strings(self) -> list[str]:
+        """The tokenizer's special-token strings, longest first (so the regex prefers the longest match)."""
+        specials = set(getattr(self.tokenizer, "all_special_tokens", None) or [])
+        for token in (getattr(self.tokenizer, "added_tokens_decoder", None) or {}).values():
+            if getattr(token, "special", False):
+                specials.add(str(token))
+        specials.discard("")
+        return sorted(specials, key=len, reverse=True)
+
+    def _check_special_tokens_stay_text(self) -> None:
+        """Refuse a tokenizer that turns special-token strings in record text into special tokens anyway."""
+        if not self._special_tokens:
+            return
+        special_ids = {self.tokenizer.convert_tokens_to_ids(s) for s in self._special_tokens}
+        try:
+            encoded = self._ids_batch(self._special_tokens, as_text=True)
+        except TypeError as err:  # a tokenizer whose __call__ takes no split_special_tokens
+            raise ValueError(f"{type(self.tokenizer).__name__} cannot tokenise special-token strings as plain text "
+                             f"({err}), so a passage could forge the chat template's control tokens: use a "
+                             "transformers tokenizer (fast or slow), which supports split_special_tokens") from err
+        leaked = [s for s, ids in zip(self._special_tokens, encoded) if set(ids) & special_ids]
+        if leaked:
+            raise ValueError(f"{type(self.tokenizer).__name__} still encodes {leaked} inside record text as special "
+                             "tokens with split_special_tokens=True, so a passage could forge the chat template's "
+                             "control tokens: use a tokenizer that supports split_special_tokens")
+
+    def _chat_render(self, messages: list[dict[str, str]], generation_prompt: bool) -> tuple[str, str, str]:
+        """The rendered conversation as (template text before the user message, the user message as rendered,
+        template text after it). The template is rendered once more with a placeholder user message to find its
+        own text, which holds the only special tokens the prompt may have."""
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        with_placeholder = [*messages[:last_user], {"role": "user", "content": _USER_PLACEHOLDER},
+                            *messages[last_user + 1:]]
+        key = (generation_prompt, tuple((m["role"], m["content"]) for m in with_placeholder))
+        frame = self._frames.get(key)
+        if frame is None:
+            frame = self._frames[key] = self._render_chat(with_placeholder, generation_prompt)
+        text = self._render_chat(messages, generation_prompt)
+        before, _, after = frame.partition(_USER_PLACEHOLDER)
+        if (frame.count(_USER_PLACEHOLDER) != 1 or not text.startswith(before) or not text.endswith(after)
+                or len(text) < len(before) + len(after)):
+            raise ValueError("the chat template does not write the user message once, verbatim or trimmed, between "
+                             "text of its own, so record text cannot be told apart from the template's control "
+                             "tokens: fix the template or pass use_chat_template=False")
+        return before, text[len(before):len(text) - len(after)], after
+
+    def _template_pieces(self, before: str, user: str, after: str) -> list[list[int] | str]:
+        """The template's special tokens (as id lists) and the text between them (strings, tokenised later in one
+        batch with special-token splitting). Special tokens split the text exactly where the tokenizer itself
+        splits it, so the ids equal a plain tokenisation whenever the user message holds no special-token string."""
+        pieces: list[list[int] | str] = []
+
+        def add_text(part: str) -> None:
+            if part:
+                if pieces and isinstance(pieces[-1], str):
+                    pieces[-1] += part
+                else:
+                    pieces.append(part)
+
+        def add_template(part: str) -> None:
+            position = 0
+            for match in (self._special_token_pattern.finditer(part) if self._special_token_pattern else ()):
+                add_text(part[position:match.start()])
+                pieces.append([self.tokenizer.convert_tokens_to_ids(match.group())])
+                position = match.end()
+            add_text(part[position:])
+
+        add_template(before)
+        add_text(user)
+        add_template(after)
+        return pieces
+
+    def _chat_ids_batch(self, renders: list[tuple[str, str, str]]) -> list[list[int]]:
+        """Token ids of rendered conversations (see `_chat_render`): one tokenizer call for all their text."""
+        pieces = [self._template_pieces(*render) for render in renders]
+        texts = [piece for row in pieces for piece in row if isinstance(piece, str)]
+        encoded = iter(self._ids_batch(texts, as_text=True))
+        return [[i for piece in row for i in (piece if isinstance(piece, list) else next(encoded))] for row in pieces]
 
     def __getstate__(self):
         # Caches are rebuilt per process; shipping them to every DataLoader worker would only cost memory.
         state = self.__dict__.copy()
-        state["_passage_ids_cache"] = {}
-        state["_capped_text_cache"] = {}
+        state["_passage_ids_cache"] = _TokenCache(self.token_cache_bytes)
         return state
 
     def _special_prefix(self) -> list[int]:
@@ -299,11 +448,23 @@ class RAREDataCollator:
         user = self.template.render(question, passages)
         if self.chat:
             return self._render_chat(self._messages(user), generation_prompt=True)
+        return self._plain_prompt(user)
+
+    def _plain_prompt(self, user: str) -> str:
         system = f"{self.template.system_prompt}\n\n" if self.template.system_prompt else ""
         return f"{system}{user}\n\n{self.template.response_header}\n"
 
     def _prompt_ids(self, question: str, passages: Sequence[RetrievedPassage]) -> list[int]:
-        return self._bos_prefix + self._ids(self.prompt_text(question, passages))
+        return self._prompt_ids_batch([question], [passages])[0]
+
+    def _prompt_ids_batch(self, questions: Sequence[str], passages: Sequence[Sequence[RetrievedPassage]]
+                          ) -> list[list[int]]:
+        """Prompt ids; the question and passages (the user message) never yield a special token."""
+        users = [self.template.render(q, shown) for q, shown in zip(questions, passages)]
+        if self.chat:
+            return self._chat_ids_batch([self._chat_render(self._messages(u), generation_prompt=True) for u in users])
+        # The plain layout has no control tokens in its text (the BOS prefix is added as ids).
+        return [self._bos_prefix + ids for ids in self._ids_batch([self._plain_prompt(u) for u in users], as_text=True)]
 
     def _check_once(self, question: str, passages, response: str, prompt_ids, completion_ids) -> None:
         """Check on the first example that segment-wise tokenisation matches the rendered conversation."""
@@ -317,9 +478,9 @@ class RAREDataCollator:
         if not self.chat:
             return
         user = self.template.render(question, passages)
-        full = self._render_chat(self._messages(user) + [{"role": "assistant", "content": response}],
+        full = self._chat_render(self._messages(user) + [{"role": "assistant", "content": response}],
                                  generation_prompt=False)
-        full_ids = self._ids(full)
+        full_ids = self._chat_ids_batch([full])[0]
         if full_ids[:len(prompt_ids)] != prompt_ids:
             raise ValueError("the tokenised conversation does not start with the tokenised prompt (the chat template "
                              "renders the prompt differently once an answer follows), so labels cannot be derived "
@@ -464,32 +625,30 @@ class RAREDataCollator:
                              f"distractors (example {key!r}): lower num_distractors")
         return out
 
-    def _cache_passage_ids(self, texts: Sequence[str]) -> None:
-        """Tokenise (once per process, in one tokenizer call) the passage texts not seen before."""
+    def _cache_passage_ids(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Token ids of passage texts, tokenised in one call for those not cached (special-token strings in a
+        passage stay text); the cache keeps them as int32 within ``token_cache_bytes``."""
         cache = self._passage_ids_cache
-        new = list(dict.fromkeys(t for t in texts if t not in cache))
-        if len(cache) + len(new) > _CACHE_SIZE:  # a corpus larger than the cache: start over rather than grow
-            cache.clear()
-            self._capped_text_cache.clear()
-        cache.update(zip(new, self._ids_batch(new)))
+        found = {t: ids for t in dict.fromkeys(texts) if (ids := cache.get(t)) is not None}
+        new = [t for t in dict.fromkeys(texts) if t not in found]
+        for text, ids in zip(new, self._ids_batch(new, as_text=True)):
+            found[text] = np.asarray(ids, dtype=np.int32)
+            cache.put(text, found[text], found[text].nbytes + sys.getsizeof(text))
+        return [found[t] for t in texts]
 
-    def _passage_token_ids(self, text: str) -> list[int]:
-        ids = self._passage_ids_cache.get(text)
-        if ids is None:
-            self._cache_passage_ids([text])
-            ids = self._passage_ids_cache[text]
-        return ids
+    def _passage_token_ids(self, text: str) -> np.ndarray:
+        return self._cache_passage_ids([text])[0]
 
     def _cut(self, passage: RetrievedPassage, cap: int | None) -> RetrievedPassage:
         """The passage cut to ``cap`` tokens (on token boundaries, decoded from its cached ids)."""
         ids = self._passage_token_ids(passage.text)
         if cap is None or len(ids) <= cap:
             return passage
-        text = self._capped_text_cache.get((passage.text, cap))
+        text = self._passage_ids_cache.get((passage.text, cap))
         if text is None:
-            text = self.tokenizer.decode(ids[:cap])
+            text = self.tokenizer.decode(ids[:cap].tolist())
             if cap == self.max_passage_tokens:  # budget-sized caps vary; only the fixed cap recurs
-                self._capped_text_cache[(passage.text, cap)] = text
+                self._passage_ids_cache.put((passage.text, cap), text, sys.getsizeof(text))
         return RetrievedPassage(passage.id, text, passage.score)
 
     def _shown(self, ranked: list[RetrievedPassage], display: list[int], n: int, cap: int | None):
@@ -512,6 +671,7 @@ class RAREDataCollator:
         if not response.strip():
             raise ValueError(f"example {self._key(example)!r}: field 'response' is empty or whitespace only, so there "
                              "is nothing to learn: fill it in or filter the example out")
+        _check_encodable(response, self._key(example), "field 'response'")
         return response
 
     def _completions(self, examples: Sequence[Mapping[str, Any]]) -> list[list[int]]:
@@ -546,11 +706,15 @@ class RAREDataCollator:
         keys = [self._key(ex) for ex in examples]
         questions = [self.template.format_question(ex) for ex in examples]
         plans = [self._select(ex, cands, key) for ex, cands, key in zip(examples, candidates, keys)]
+        for key, question, (ranked, _) in zip(keys, questions, plans):
+            _check_encodable(question, key, "the question")
+            for p in ranked:
+                if p.text not in self._passage_ids_cache:  # a cached text was checked when it was cached
+                    _check_encodable(p.text, key, f"passage {p.id!r}")
         self._cache_passage_ids([p.text for ranked, _ in plans for p in ranked])
         cap = self.max_passage_tokens
         first_try = [self._shown(ranked, display, len(ranked), cap) for ranked, display in plans]
-        prompts = [self._bos_prefix + ids for ids in
-                   self._ids_batch([self.prompt_text(q, shown) for q, shown in zip(questions, first_try)])]
+        prompts = self._prompt_ids_batch(questions, first_try)
         out = []
         for i, (ranked, display) in enumerate(plans):
             shown, prompt, shown_cap = first_try[i], prompts[i], cap
@@ -663,7 +827,8 @@ class RAREDataCollator:
         end-of-turn token -- ChatML's newline -- makes TRL train on that text too). Passages are fixed per row:
         with ``epoch`` the RAFT draw is the one :meth:`set_epoch` ``(epoch)`` would give (map once per epoch for
         fresh draws); without it, the collator's current epoch. Examples that cannot fit raise
-        :class:`ExampleTooLongError`: filter with :meth:`fits` first.
+        :class:`ExampleTooLongError`: filter with :meth:`fits` first. A question or passage holding a special-token
+        string raises ``ValueError``: TRL would tokenise it as a control token.
         """
         if not self.chat:
             raise ValueError("prompt_completion writes conversational columns and needs a tokenizer with a chat "
@@ -684,6 +849,12 @@ class RAREDataCollator:
                 raise ExampleTooLongError(f"example {self._key(row)!r} does not fit max_length={self.max_length} even "
                                           "without passages: filter first with `dataset.filter(collator.fits)`")
             user = self.template.render(self.template.format_question(row), enc.passages)
+            forged = self._special_token_pattern.search(user) if self._special_token_pattern else None
+            if forged:
+                raise ValueError(f"example {self._key(row)!r}: its question or a passage holds the special-token "
+                                 f"string {forged.group()!r}, which TRL would tokenise as a control token (it parses "
+                                 "special tokens in conversational columns): remove it from the record, or train "
+                                 "with this collator as the data_collator, which keeps such strings as text")
             out["prompt"].append(self._messages(user))
             out["completion"].append([{"role": "assistant", "content": row["response"]}])
             out["shown_passage_ids"].append(enc.passage_ids)

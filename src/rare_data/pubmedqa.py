@@ -17,6 +17,7 @@ __all__ = ["PubMedQA", "load_pubmedqa", "pubmedqa_response"]
 
 HUB_ID = "qiaojin/PubMedQA"
 HUB_CONFIG = "pqa_labeled"
+DECISIONS = ("yes", "no", "maybe")
 # PQA-L: 1000 expert-labelled questions, of which the official split puts 500 in the test set.
 PQAL_SIZE = 1000
 OFFICIAL_TEST_SIZE = 500
@@ -60,6 +61,30 @@ class PubMedQA:
     passage_ids: list[str]
 
 
+def _record(pmid: Any, question: Any, contexts: Any, long_answer: Any, decision: Any, *, names: tuple[str, ...],
+            source: Any) -> dict[str, Any]:
+    """One record, its schema checked: a malformed one would otherwise train silently wrong (a string of
+    contexts split into single characters, a decision outside yes/no/maybe, a question ``None``). ``names``: the
+    fields' names in ``source`` (question, contexts, long answer, decision), for the error."""
+
+    def refuse(field: str, value: Any, expected: str) -> ValueError:
+        got = f"the string {value!r}" if isinstance(value, str) else f"{value!r} (type {type(value).__name__})"
+        return ValueError(f"PubMedQA record {pmid!s} in {source}: {field} must be {expected}, got {got[:200]}: fix "
+                          "or drop that record (or re-download the data)")
+
+    question_name, contexts_name, long_answer_name, decision_name = names
+    if not isinstance(question, str) or not question.strip():
+        raise refuse(question_name, question, "a non-empty string")
+    if not isinstance(contexts, list) or not contexts or not all(isinstance(c, str) for c in contexts):
+        raise refuse(contexts_name, contexts, "a non-empty list of passage strings")
+    if not isinstance(long_answer, str):
+        raise refuse(long_answer_name, long_answer, "a string")
+    if decision not in DECISIONS:
+        raise refuse(decision_name, decision, f"one of {list(DECISIONS)}")
+    return {"pmid": str(pmid), "question": question, "contexts": list(contexts), "long_answer": long_answer,
+            "final_decision": decision}
+
+
 def _records_from_local(data_dir: Path) -> tuple[list[dict[str, Any]], set[str] | None]:
     pqal = data_dir / "ori_pqal.json"
     truth = data_dir / "test_ground_truth.json"
@@ -69,8 +94,18 @@ def _records_from_local(data_dir: Path) -> tuple[list[dict[str, Any]], set[str] 
                                     "github.com/pubmedqa/pubmedqa (data/), or pass data_dir=None to use the Hub")
     raw = _read_json(pqal)
     test_ids = _read_test_ids(truth)
-    records = [{"pmid": str(pmid), "question": r["QUESTION"], "contexts": list(r["CONTEXTS"]),
-                "long_answer": r["LONG_ANSWER"], "final_decision": r["final_decision"]} for pmid, r in raw.items()]
+    if not isinstance(raw, dict):
+        raise ValueError(f"{pqal} must hold a JSON object (PubMed id -> record), got {type(raw).__name__}")
+    names = ("QUESTION", "CONTEXTS", "LONG_ANSWER", "final_decision")
+    records = []
+    for pmid, r in raw.items():
+        if not isinstance(r, dict):
+            raise ValueError(f"PubMedQA record {pmid} in {pqal} must be a JSON object, got {type(r).__name__}")
+        missing = [name for name in names if name not in r]
+        if missing:
+            raise ValueError(f"PubMedQA record {pmid} in {pqal} has no field(s) {missing} (fields: {sorted(r)}): fix "
+                             "or drop that record (or re-download the data)")
+        records.append(_record(pmid, *(r[name] for name in names), names=names, source=pqal))
     return records, test_ids
 
 
@@ -83,8 +118,9 @@ def _records_from_hub(test_ids_file: str | os.PathLike | None) -> tuple[list[dic
         raise RuntimeError(f"could not load {HUB_ID} ({HUB_CONFIG}) from the Hugging Face Hub ({type(err).__name__}: "
                            f"{err}); without network access pass data_dir= a folder holding ori_pqal.json and "
                            "test_ground_truth.json") from err
-    records = [{"pmid": str(r["pubid"]), "question": r["question"], "contexts": list(r["context"]["contexts"]),
-                "long_answer": r["long_answer"], "final_decision": r["final_decision"]} for r in ds]
+    names = ("question", "context.contexts", "long_answer", "final_decision")
+    records = [_record(r["pubid"], r["question"], r["context"]["contexts"], r["long_answer"], r["final_decision"],
+                       names=names, source=f"{HUB_ID} ({HUB_CONFIG})") for r in ds]
     test_ids = None
     if test_ids_file is not None:
         if not Path(test_ids_file).is_file():

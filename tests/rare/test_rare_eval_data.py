@@ -132,3 +132,43 @@ def test_macro_f1_beside_accuracy():
     # always answering "yes" scores the majority share as accuracy but a low macro-F1
     assert accuracy(["yes"] * 6, gold) == 0.5 and macro_f1(["yes"] * 6, gold, labels=["yes", "no", "maybe"]) < 0.23
     assert macro_f1(gold, [g.upper() for g in gold]) == 1.0
+
+
+def _write_pqal(folder, records: dict) -> None:
+    (folder / "ori_pqal.json").write_text(json.dumps(records))
+    (folder / "test_ground_truth.json").write_text(json.dumps({}))
+
+
+def _good_record() -> dict:
+    return {"QUESTION": "Does aspirin help?", "CONTEXTS": ["A trial.", "Another trial."],
+            "LONG_ANSWER": "It helps.", "final_decision": "yes"}
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("CONTEXTS", "A trial. Another trial.", "CONTEXTS must be a non-empty list of passage strings, got the string"),
+    ("CONTEXTS", ["A trial.", 7], r"CONTEXTS must be a non-empty list of passage strings, got \['A trial.', 7\]"),
+    ("final_decision", "banana", r"final_decision must be one of \['yes', 'no', 'maybe'\], got the string 'banana'"),
+    ("QUESTION", None, "QUESTION must be a non-empty string, got None"),
+    ("LONG_ANSWER", 3, "LONG_ANSWER must be a string, got 3"),
+])
+def test_a_malformed_local_record_names_its_id_and_field(tmp_path, field, value, message):
+    _write_pqal(tmp_path, {"111": _good_record(), "12345": {**_good_record(), field: value}})
+    with pytest.raises(ValueError, match=f"PubMedQA record 12345 in .*ori_pqal.json: {message}"):
+        load_pubmedqa(tmp_path)
+
+
+def test_a_local_record_without_a_field_names_it(tmp_path):
+    record = _good_record()
+    del record["final_decision"]
+    _write_pqal(tmp_path, {"12345": record})
+    with pytest.raises(ValueError, match=r"PubMedQA record 12345 .* has no field\(s\) \['final_decision'\]"):
+        load_pubmedqa(tmp_path)
+
+
+def test_a_malformed_hub_record_names_its_id_and_field(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    rows = _hub_rows(3)
+    rows[1]["final_decision"] = "banana"
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list(rows))
+    with pytest.raises(ValueError, match="PubMedQA record 1001 in qiaojin/PubMedQA.*final_decision must be one of"):
+        load_pubmedqa()

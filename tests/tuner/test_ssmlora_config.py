@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tiny_models import tiny_bert, tiny_gpt2, trainable_adapter_params
+from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, trainable_adapter_params
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -173,6 +173,69 @@ def test_interval_module_outside_the_layer_stack_is_refused():
     with pytest.raises(ValueError, match="'classifier'.*has no layer index.*Remove it from `interval_modules`"):
         get_peft_model(tiny_bert(), SSMLoRAConfig(target_modules=["query", "classifier"],
                                                   interval_modules=["query", "classifier"]))
+
+
+BAD_TYPES = [
+    ("r", True, r"`r` must be an integer >= 1, got True \(type bool\)"),
+    ("r", "8", r"`r` must be an integer >= 1, got the string '8'"),
+    ("scale_by_rank", "false", r"`scale_by_rank` must be a bool, got the string 'false'\. Write true or false"),
+    ("scale_by_rank", 0, r"`scale_by_rank` must be a bool, got 0 \(type int\)"),
+    ("inference_mode", "true", r"`inference_mode` must be a bool, got the string 'true'"),
+    ("target_modules", 5, r"`target_modules` must be a list of module names, a regex string or None, got 5"),
+    ("target_modules", ["query", 5], r"`target_modules` must be a list of module names"),
+    ("exclude_modules", {"a": 1}, r"`exclude_modules` must be a list of module names"),
+    ("layers_pattern", 123, r"`layers_pattern` must be a list of module names, a string or None, got 123.*"
+                            r"layers_pattern=\"layers\""),
+    ("interval_modules", 7, r"`interval_modules` must be a list of module names"),
+    ("modules_to_save", "classifier", r"`modules_to_save` must be a list of module names or None, got the string"),
+    ("layers_to_transform", ["1"], r"`layers_to_transform` must be a layer index, a list of layer indices or None"),
+    ("layers_to_transform", True, r"`layers_to_transform` must be a layer index"),
+    ("init_weights", 1, r"`init_weights` must be True, False, 'gaussian' or 'kaiming', got 1"),
+    ("init_weights", "false", r"`init_weights` must be True, False, 'gaussian' or 'kaiming', got the string"),
+    ("trainable_token_indices", ["0"], r"`trainable_token_indices` must be a list of token indices or a dict"),
+]
+
+
+@pytest.mark.parametrize("field, value, message", BAD_TYPES)
+def test_a_value_of_the_wrong_type_names_the_field_and_the_fix(field, value, message):
+    with pytest.raises(TypeError, match=message):
+        SSMLoRAConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field, value, message", [case for case in BAD_TYPES if case[0] != "exclude_modules"])
+def test_a_hand_edited_adapter_config_of_the_wrong_type_is_refused_on_load(tmp_path, field, value, message):
+    get_peft_model(tiny_bert(), SSMLoRAConfig(r=2, lora_alpha=1)).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    saved[field] = value
+    path.write_text(json.dumps(saved))
+    with pytest.raises(TypeError, match=message):
+        PeftModel.from_pretrained(tiny_bert(), tmp_path)
+
+
+def test_five_interval_modules_on_four_layers_leave_none_unadapted():
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]
+    with pytest.raises(ValueError, match=r"Interval module 'up_proj' is adapted nowhere.*i % 5 == 4.*"
+                                         r"layers \[0, 1, 2, 3\].*at most as many interval modules"):
+        get_peft_model(tiny_llama(layers=4), SSMLoRAConfig(r=2, target_modules=targets, interval_modules=targets))
+
+
+def test_layers_to_transform_may_leave_out_an_interval_modules_layers():
+    """The default placement with `layers_to_transform=[0]` (peft's layer-indexing tests) adapts only the query:
+    allowed, since the saved config (which then lists both interval modules) must load again."""
+    model = get_peft_model(tiny_llama(layers=4), SSMLoRAConfig(r=2, layers_to_transform=[0]))
+    adapted = sorted(n for n, m in model.named_modules() if hasattr(m, "ssmlora_chain"))
+    assert [n.split("layers.")[1] for n in adapted] == ["0.self_attn.q_proj"]
+
+
+def test_layers_to_transform_that_drops_a_target_is_refused():
+    # a hybrid stack: only layer 1 has a `gate`, and `layers_to_transform` keeps layer 0
+    layers = torch.nn.ModuleList([torch.nn.ModuleDict({"q": torch.nn.Linear(4, 4)}),
+                                  torch.nn.ModuleDict({"q": torch.nn.Linear(4, 4), "gate": torch.nn.Linear(4, 4)})])
+    model = torch.nn.ModuleDict({"model": torch.nn.ModuleDict({"layers": layers})})
+    with pytest.raises(ValueError, match=r"Target module 'gate' is adapted nowhere: the model has it in layers \[1\].*"
+                                         r"widen `layers_to_transform`"):
+        get_peft_model(model, SSMLoRAConfig(r=2, target_modules=["q", "gate"], layers_to_transform=[0]))
 
 
 class BackwardsStack(torch.nn.Module):
