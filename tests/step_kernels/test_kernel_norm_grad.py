@@ -127,3 +127,10 @@ def _z_range(x, s, A, B, C, D):
     u = x @ A.T
     z = s + s @ C.T + u @ D.T
     return z.max(-1).values - z.min(-1).values
+
+
+def test_config_rejects_a_negative_floor_and_saves_the_floor(tmp_path):
+    with pytest.raises(ValueError, match="norm_grad_floor"):
+        SSMLoRAConfig(norm_grad_floor=-1e-3)
+    SSMLoRAConfig(norm_grad_floor=0.0, target_modules=["q_proj"]).save_pretrained(tmp_path)
+    assert SSMLoRAConfig.from_pretrained(tmp_path).norm_grad_floor == 0.0
