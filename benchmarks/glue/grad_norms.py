@@ -10,7 +10,8 @@ variant: the gradient norm of the first steps, its median and maximum, the share
 training loss of the first and last 10 steps. Variants: peft LoRA on query+value in every layer; LoRA with
 SSMLoRA's interval placement (query in even, value in odd layers: the same modules, no state path); SSMLoRA with
 eps 1e-8 (with and without clipping) and 1e-3 with the paper's N(0, 1/r) init of A, and with peft's kaiming init
-of A (now the tuner's default).
+of A (now the tuner's default), with the floored normalisation gradient (the default, `norm_grad_floor=1e-3`) and
+with the exact one (`norm_grad_floor=0`, the spike described above).
 
     python -m benchmarks.glue grad_norms --data-dir ../shared/data/glue --steps 60 --seed 0
 
@@ -59,6 +60,7 @@ VARIANTS = {
     "ssmlora eps=1e-8, no clipping": lambda: ssmlora(),
     "ssmlora eps=1e-3": lambda: ssmlora(norm_eps=1e-3),
     "ssmlora eps=1e-8, kaiming A": lambda: ssmlora("kaiming"),
+    "ssmlora eps=1e-8, kaiming A, exact gradient": lambda: ssmlora("kaiming", norm_grad_floor=0.0),
 }
 
 

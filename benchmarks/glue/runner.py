@@ -83,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="SSMLoRA scale: alpha/r as peft LoRA ('rank') or raw alpha as the paper's code ('raw')")
     p.add_argument("--state-dropout", type=float, default=None, help="SSMLoRA state dropout (preset: 0.1)")
     p.add_argument("--norm-eps", type=float, default=None, help="SSMLoRA min-max normalisation eps (preset: 1e-8)")
+    p.add_argument("--norm-grad-floor", type=float, default=None,
+                   help="SSMLoRA: floor of the normalisation's denominator in the backward (0: the paper's exact "
+                        "gradient; default: the tuner's, 1e-3)")
     p.add_argument("--ssmlora-init", choices=["gaussian", "kaiming"], default=None,
                    help="SSMLoRA's init of A: peft LoRA's kaiming-uniform or the paper's N(0, 1/r) (preset: kaiming)")
     p.add_argument("--lr", type=float, default=None, help=f"learning rate (per-method default: {DEFAULT_LR})")
@@ -148,9 +151,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def apply_method(model, method: str, args: argparse.Namespace):
     """Wrap or freeze `model` for the fine-tuning method; the classifier head is trained in every method."""
     if method == "ssmlora":
+        # norm_grad_floor only when given, so that runs without it keep the tuner's default.
+        floor = {} if args.norm_grad_floor is None else {"norm_grad_floor": args.norm_grad_floor}
         return add_adapter(model, "ssmlora", r=args.rank, alpha=args.alpha, task_type="SEQ_CLS",
                            scale_by_rank=args.ssmlora_scaling == "rank", state_dropout=args.state_dropout,
-                           norm_eps=args.norm_eps, init_weights=args.ssmlora_init)
+                           norm_eps=args.norm_eps, init_weights=args.ssmlora_init, **floor)
     if method in LORA_METHODS:
         # target_modules=None: peft's default for the family (query and value in every layer for BERT/RoBERTa).
         rank, alpha = method_rank_alpha(args, method)
@@ -208,6 +213,8 @@ def run_config(args: argparse.Namespace, method: str, seed: int) -> dict:
     if method == "ssmlora":
         cfg.update(ssmlora_scaling=args.ssmlora_scaling, state_dropout=args.state_dropout, norm_eps=args.norm_eps)
         cfg.update(ssmlora_init=args.ssmlora_init)
+        if args.norm_grad_floor is not None:  # only then, as for holdout_fraction
+            cfg["norm_grad_floor"] = args.norm_grad_floor
     return cfg
 
 

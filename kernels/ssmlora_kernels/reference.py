@@ -12,6 +12,15 @@ shape `(d_out, r)`, `C_w = Cᵀ` and `D_w = Dᵀ` of shape `(r, r)`)::
 The state math (`s`, `z`, min/max, `n`, `v`) runs in float32 whatever the input dtype: bf16 rounding wrecks the
 min-max normalisation and fp16 flushes `eps = 1e-8` to zero. `min`/`max` route their gradient to the *first*
 arg-min/arg-max only (the Triton kernel does the same); `torch.amin/amax` would split it among ties.
+
+The gradient of `n` scales with `1 / (max - min + eps)`: where a token's state is flat across the rank axis (every
+chain at initialisation, as B = C = D = 0) that is `1 / eps`, so with `eps = 1e-8` the first updates of D carry
+gradients a billion times the usual size and, under global gradient clipping, starve every other parameter. The
+backward therefore divides by `max(max - min + eps, grad_floor)` instead (`grad_floor = 1e-3` by default; `0`
+gives the exact gradient): the forward is the paper's everywhere, and the gradient is the exact one wherever the
+range is at least `grad_floor`; below it, it is the exact gradient scaled by `(max - min + eps) / grad_floor`,
+bounded and independent of `eps`. The normalised state lies in `[0, 1]`, so the floor reads in that unit: a
+state whose entries span less than 0.1 % of it is treated as flat by the gradient.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ def ssmlora_step_reference(
     scaling: float,
     leaky_slope: float = 0.01,
     eps: float = 1e-8,
+    grad_floor: float = 1e-3,
     dropout_mask: torch.Tensor | None = None,
     detach_state: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,6 +55,9 @@ def ssmlora_step_reference(
         scaling (`float`): factor on the low-rank update.
         leaky_slope (`float`): negative slope of the leaky ReLU (only its gradient matters, as `n ≥ 0`).
         eps (`float`): added to `max - min` in the normalisation.
+        grad_floor (`float`): the normalisation's backward divides by `max(max - min + eps, grad_floor)`: a
+            bounded gradient where the state is (nearly) flat; `0`: the exact gradient, as in the paper. The
+            forward does not depend on it.
         dropout_mask (`torch.Tensor` or `None`): multiplicative mask on `n` (entries 0 or `1/(1-p)`), broadcastable
             to `(..., r)`; `None` means no dropout.
         detach_state (`bool`): `True` (the paper): the incoming state carries values but no gradient.
@@ -67,7 +80,13 @@ def ssmlora_step_reference(
         z = s + F.linear(s, C_w.to(sdt)) + F.linear(u32, D_w.to(sdt))
         lo = z.gather(-1, z.argmin(dim=-1, keepdim=True))
         hi = z.gather(-1, z.argmax(dim=-1, keepdim=True))
-        n = (z - lo) / (hi - lo + eps)
+        denominator = hi - lo + eps
+        n = (z - lo) / denominator
+        if grad_floor > 0 and n.requires_grad:
+            # Same value; the gradient times denominator / max(denominator, grad_floor) (exactly 1 at or above the
+            # floor), i.e. the backward divides by the floored denominator (see the module docstring).
+            grad_scale = (denominator / denominator.clamp_min(grad_floor)).detach()
+            n = n.detach() + (n - n.detach()) * grad_scale
         dropped = n if dropout_mask is None else n * dropout_mask.to(n.dtype)
         v = u32 + F.leaky_relu(dropped, negative_slope=leaky_slope)
     delta = F.linear(v.to(B_w.dtype), B_w) * scaling

@@ -187,7 +187,7 @@ def _ssmlora_bwd_kernel(
     stride_dvm, stride_dvr, stride_um, stride_sm, stride_sr,
     stride_c0, stride_c1, stride_d0, stride_d1, stride_gnm, stride_gnr,
     stride_dum, stride_dsm, stride_vsm,
-    seed, p, keep_scale, scaling, slope, eps,
+    seed, p, keep_scale, scaling, slope, eps, grad_floor,
     HAS_STATE: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DN_NEXT: tl.constexpr, STORE_DS: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, R_PAD: tl.constexpr,
@@ -236,12 +236,13 @@ def _ssmlora_bwd_kernel(
             )
         dn = tl.where(mask, dn, 0.0)
 
-        # Backward of n = (z - z[i_lo]) / (z[i_hi] - z[i_lo] + eps), gradient routed to the first arg-min/max.
+        # Backward of n = (z - z[i_lo]) / (z[i_hi] - z[i_lo] + eps), gradient routed to the first arg-min/max; the
+        # denominator floored at grad_floor (0: exact), so that a flat state does not get a 1/eps gradient.
         s1 = tl.sum(dn, axis=1)
         s2 = tl.sum(dn * n, axis=1)
         dz = dn - tl.where(is_col == i_lo[:, None], (s1 - s2)[:, None], 0.0)
         dz = dz - tl.where(is_col == i_hi[:, None], s2[:, None], 0.0)
-        dz = dz / den[:, None]
+        dz = dz / tl.maximum(den, grad_floor)[:, None]
         dz = tl.where(mask, dz, 0.0)
 
         du = dv + tl.dot(dz, d_mat, input_precision=DOT_PREC)
@@ -402,7 +403,8 @@ def _ssmlora_forward(x2, base2, s2, A_w, B_w, C_w, D_w, scaling, dropout_p, eps,
 
 
 def _ssmlora_backward(
-    g2, gn2, x2, u, s2, A_w, B_w, C_w, D_w, scaling, dropout_p, leaky_slope, eps, seed, need_ds, needs, x_shape
+    g2, gn2, x2, u, s2, A_w, B_w, C_w, D_w, scaling, dropout_p, leaky_slope, eps, grad_floor, seed, need_ds, needs,
+    x_shape,
 ):
     """Gradients `(dx, dA, dB, dC, dD, ds2)` from `g2 = dL/d out` (M, d_out) and `gn2 = dL/d new_state` or None;
     `dx` has `x_shape`.
@@ -435,7 +437,7 @@ def _ssmlora_backward(
             dv.stride(0), dv.stride(1), u.stride(0), s_arg.stride(0), s_arg.stride(1),
             C_w.stride(0), C_w.stride(1), D_w.stride(0), D_w.stride(1), gn_arg.stride(0), gn_arg.stride(1),
             du.stride(0), (ds if need_ds else du).stride(0), vs.stride(0),
-            seed, p, keep_scale, scaling, leaky_slope, eps,
+            seed, p, keep_scale, scaling, leaky_slope, eps, grad_floor,
             HAS_STATE=has_state, HAS_DROPOUT=has_dropout, HAS_DN_NEXT=gn2 is not None, STORE_DS=need_ds, DOT_PREC=cfg["DOT_PREC"],
             BLOCK_M=cfg["BLOCK_M"], R_PAD=r_pad, num_warps=cfg["num_warps"],
         )  # fmt: skip
@@ -467,7 +469,7 @@ class _SSMLoRAStepFunction(torch.autograd.Function):
     """`(out, new_state)` with `out` = `base_out` updated in place (marked dirty); both outputs differentiable."""
 
     @staticmethod
-    def forward(ctx, x, base_out, state, A_w, B_w, C_w, D_w, scaling, dropout_p, leaky_slope, eps, seed):
+    def forward(ctx, x, base_out, state, A_w, B_w, C_w, D_w, scaling, dropout_p, leaky_slope, eps, grad_floor, seed):
         lead = x.shape[:-1]
         r = A_w.shape[0]
         x2 = x.reshape(-1, x.shape[-1])
@@ -485,13 +487,13 @@ class _SSMLoRAStepFunction(torch.autograd.Function):
         ctx.out_dtype = base_out.dtype
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x2, u, s2, A_w, B_w, C_w, D_w)
-        ctx.cfg = (scaling, dropout_p, leaky_slope, eps, seed, lead, x.shape, None if state is None else state.shape)
+        ctx.cfg = (scaling, dropout_p, leaky_slope, eps, grad_floor, seed, lead, x.shape, None if state is None else state.shape)
         return base_out, n.view(*lead, r)
 
     @staticmethod
     def backward(ctx, grad_out, grad_state):
         x2, u, s2, A_w, B_w, C_w, D_w = ctx.saved_tensors
-        scaling, dropout_p, leaky_slope, eps, seed, lead, x_shape, state_shape = ctx.cfg
+        scaling, dropout_p, leaky_slope, eps, grad_floor, seed, lead, x_shape, state_shape = ctx.cfg
         r = A_w.shape[0]
         d_out = B_w.shape[0]
         if grad_out is None:
@@ -502,12 +504,12 @@ class _SSMLoRAStepFunction(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:7])
         with torch.autocast(device_type=x2.device.type, enabled=False):
             dx, dA, dB, dC, dD, ds = _ssmlora_backward(
-                g2, gn2, x2, u, s2, A_w, B_w, C_w, D_w, scaling, dropout_p, leaky_slope, eps, seed, need_ds, needs,
-                x_shape,
+                g2, gn2, x2, u, s2, A_w, B_w, C_w, D_w, scaling, dropout_p, leaky_slope, eps, grad_floor, seed,
+                need_ds, needs, x_shape,
             )
         dstate = None if ds is None else ds.view(state_shape)
         # base_out's gradient is G itself (out = base_out + delta); it flows on into the frozen layer.
-        return dx, grad_out, dstate, dA, dB, dC, dD, None, None, None, None, None
+        return dx, grad_out, dstate, dA, dB, dC, dD, None, None, None, None, None, None
 
 
 def ssmlora_step_triton(
@@ -524,6 +526,7 @@ def ssmlora_step_triton(
     leaky_slope: float,
     eps: float,
     detach_state: bool,
+    grad_floor: float = 1e-3,
     seed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SSMLoRA step with the fused Triton kernels; same math as `ssmlora_step_reference`.
@@ -542,6 +545,8 @@ def ssmlora_step_triton(
         leaky_slope (`float`): negative slope of the leaky ReLU.
         eps (`float`): added to `max - min` in the normalisation.
         detach_state (`bool`): `True`: no gradient flows into `state`; `False`: `state`'s gradient is returned.
+        grad_floor (`float`): the normalisation's backward divides by `max(max - min + eps, grad_floor)`; `0`: the
+            exact gradient (see `ssmlora_kernels.reference`). The forward does not depend on it.
         seed (`int`, *optional*): dropout seed; drawn from torch's global CPU generator when `None`. With the same
             seed, `ssmlora_dropout_mask` materialises the mask used.
 
@@ -551,7 +556,7 @@ def ssmlora_step_triton(
     for t in (x, base_out, A_w):
         _check_device(t)
     # Python floats only: Triton would type an int `scaling` (e.g. raw alpha = 16) as i32 and specialise the value 1.
-    scaling, leaky_slope, eps = float(scaling), float(leaky_slope), float(eps)
+    scaling, leaky_slope, eps, grad_floor = float(scaling), float(leaky_slope), float(eps), float(grad_floor)
     if state is not None and detach_state:
         state = state.detach()
     if dropout_p > 0.0 and seed is None:
@@ -559,15 +564,17 @@ def ssmlora_step_triton(
     seed = 0 if seed is None else int(seed)
     if x.device.type == "cuda":
         with torch.cuda.device(x.device):
-            return _dispatch(x, base_out, state, A_w, B_w, C_w, D_w, scaling, dropout_p, leaky_slope, eps, seed)
-    return _dispatch(x, base_out, state, A_w, B_w, C_w, D_w, scaling, dropout_p, leaky_slope, eps, seed)
+            return _dispatch(
+                x, base_out, state, A_w, B_w, C_w, D_w, scaling, dropout_p, leaky_slope, eps, grad_floor, seed
+            )
+    return _dispatch(x, base_out, state, A_w, B_w, C_w, D_w, scaling, dropout_p, leaky_slope, eps, grad_floor, seed)
 
 
-def _dispatch(x, base_out, state, A_w, B_w, C_w, D_w, scaling, dropout_p, leaky_slope, eps, seed):
+def _dispatch(x, base_out, state, A_w, B_w, C_w, D_w, scaling, dropout_p, leaky_slope, eps, grad_floor, seed):
     tensors = (x, base_out, state, A_w, B_w, C_w, D_w)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _SSMLoRAStepFunction.apply(
-            x, base_out, state, A_w, B_w, C_w, D_w, scaling, dropout_p, leaky_slope, eps, seed
+            x, base_out, state, A_w, B_w, C_w, D_w, scaling, dropout_p, leaky_slope, eps, grad_floor, seed
         )
     # Inference: no autograd node, no saved u.
     r = A_w.shape[0]

@@ -72,6 +72,10 @@ class SSMLoRAConfig(PeftConfig):
         state_dropout (`float`): dropout probability on the normalised state (not on the input `x`).
         leaky_slope (`float`): negative slope of the leaky ReLU on the dropped-out state (only its gradient matters).
         norm_eps (`float`): epsilon in the per-token min-max normalisation.
+        norm_grad_floor (`float`): the normalisation's backward divides by `max(max - min + norm_eps,
+            norm_grad_floor)`, so that a state flat across the rank axis (every chain at initialisation) does not get
+            a gradient of size `1 / norm_eps`; the forward is unchanged. Default 1e-3 (in units of the normalised
+            state, which spans [0, 1]); `0`: the paper's exact gradient.
         state_grad (`str`): `"detach"` (the paper): the state carries values along the chain but no gradient;
             `"full"`: backpropagate through the whole chain within one forward.
         init_weights (`bool` or `str`): `True` / `"kaiming"` (default): A as in peft's LoRA (kaiming-uniform),
@@ -120,6 +124,11 @@ class SSMLoRAConfig(PeftConfig):
     state_dropout: float = field(default=0.1, metadata={"help": "Dropout probability on the normalised state."})
     leaky_slope: float = field(default=0.01, metadata={"help": "Negative slope of the leaky ReLU on the state."})
     norm_eps: float = field(default=1e-8, metadata={"help": "Epsilon of the per-token min-max normalisation."})
+    norm_grad_floor: float = field(
+        default=1e-3,
+        metadata={"help": "The normalisation's backward divides by max(max - min + norm_eps, norm_grad_floor); "
+                  "0: the paper's exact gradient. The forward does not depend on it."},
+    )
     state_grad: Literal["detach", "full"] = field(
         default="detach",
         metadata={"help": "'detach' (paper): no gradient along the chain; 'full': backpropagate through it."},
@@ -155,7 +164,7 @@ class SSMLoRAConfig(PeftConfig):
                 UserWarning,
                 stacklevel=2,
             )
-        for name in ("lora_alpha", "state_dropout", "leaky_slope", "norm_eps"):
+        for name in ("lora_alpha", "state_dropout", "leaky_slope", "norm_eps", "norm_grad_floor"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
@@ -168,6 +177,11 @@ class SSMLoRAConfig(PeftConfig):
             raise ValueError(f"`state_dropout` must be in [0, 1), got {self.state_dropout}.")
         if self.norm_eps <= 0:
             raise ValueError(f"`norm_eps` must be > 0 (it guards a division by max - min), got {self.norm_eps}.")
+        if self.norm_grad_floor < 0:
+            raise ValueError(
+                f"`norm_grad_floor` must be >= 0 (0: the exact gradient of the normalisation), got "
+                f"{self.norm_grad_floor}."
+            )
         if self.state_grad not in ("detach", "full"):
             raise ValueError(f"`state_grad` must be 'detach' or 'full', got {self.state_grad!r}.")
         if self.bias not in ("none", "all", "ssmlora_only"):

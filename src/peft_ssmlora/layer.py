@@ -71,7 +71,7 @@ class SSMLoRALayer(BaseTunerLayer):
     """
 
     adapter_layer_names = ("ssmlora_A", "ssmlora_B", "ssmlora_C", "ssmlora_D")
-    other_param_names = ("r", "scaling", "state_dropout", "leaky_slope", "norm_eps", "detach_state", "ssmlora_chain")
+    other_param_names = ("r", "scaling", "state_dropout", "leaky_slope", "norm_eps", "norm_grad_floor", "detach_state", "ssmlora_chain")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -80,6 +80,7 @@ class SSMLoRALayer(BaseTunerLayer):
         self.state_dropout: dict[str, float] = {}
         self.leaky_slope: dict[str, float] = {}
         self.norm_eps: dict[str, float] = {}
+        self.norm_grad_floor: dict[str, float] = {}
         self.detach_state: dict[str, bool] = {}
         # Filled by the tuner once every module of the adapter exists (positions need the whole chain).
         self.ssmlora_chain: dict[str, ChainLink] = {}
@@ -115,6 +116,7 @@ class SSMLoRALayer(BaseTunerLayer):
         self.state_dropout[adapter_name] = config.state_dropout
         self.leaky_slope[adapter_name] = config.leaky_slope
         self.norm_eps[adapter_name] = config.norm_eps
+        self.norm_grad_floor[adapter_name] = config.norm_grad_floor
         self.detach_state[adapter_name] = config.state_grad == "detach"
         self.ssmlora_A[adapter_name] = SSMLoRAWeight(self.in_features, r)
         self.ssmlora_B[adapter_name] = SSMLoRAWeight(r, self.out_features)
@@ -205,6 +207,7 @@ class Linear(nn.Module, SSMLoRALayer):
                 dropout_p=self.state_dropout[adapter] if self.training else 0.0,
                 leaky_slope=self.leaky_slope[adapter],
                 eps=self.norm_eps[adapter],
+                grad_floor=self.norm_grad_floor[adapter],
                 detach_state=self.detach_state[adapter],
             )
             if self.detach_state[adapter]:

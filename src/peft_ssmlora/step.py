@@ -58,10 +58,12 @@ def ssmlora_step(
     leaky_slope: float,
     eps: float,
     detach_state: bool,
+    grad_floor: float = 1e-3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add one SSMLoRA update to `base_out` and return `(out, new_state)`; see `ssmlora_kernels.reference`.
 
-    `dropout_p` is the state dropout probability to apply now (0 in eval mode); `state=None` starts a chain.
+    `dropout_p` is the state dropout probability to apply now (0 in eval mode); `state=None` starts a chain;
+    `grad_floor` floors the normalisation's denominator in the backward only (0: the exact gradient).
     """
     if selected_impl(x.device) == "triton":
         from ssmlora_kernels.triton_step import ssmlora_step_triton
@@ -69,6 +71,7 @@ def ssmlora_step(
         return ssmlora_step_triton(
             x, base_out, state, A_w, B_w, C_w, D_w,
             scaling=scaling, dropout_p=dropout_p, leaky_slope=leaky_slope, eps=eps, detach_state=detach_state,
+            grad_floor=grad_floor,
         )
     mask = None
     if dropout_p > 0:
@@ -76,4 +79,5 @@ def ssmlora_step(
     return ssmlora_step_reference(
         x, base_out, state, A_w, B_w, C_w, D_w,
         scaling=scaling, leaky_slope=leaky_slope, eps=eps, dropout_mask=mask, detach_state=detach_state,
+        grad_floor=grad_floor,
     )

@@ -233,7 +233,7 @@ def test_grad_norm_diagnostic_smoke(tiny_bert, glue_dir, tmp_path, capsys):
     rows = grad_norms.main(argv)
     assert [r["variant"] for r in rows] == list(grad_norms.VARIANTS)
     assert all(np.isfinite(float(r["max norm"])) for r in rows)
-    assert (tmp_path / "seed0.md").read_text().count("| ssmlora") == 4
+    assert (tmp_path / "seed0.md").read_text().count("| ssmlora") == 5
     capsys.readouterr()
     assert grad_norms.main(argv) == rows
     assert "skip seed0: identical run already stored" in capsys.readouterr().err

@@ -60,7 +60,7 @@ def _inputs(tokens, d_in, d_out, r, dtype, *, with_state=True, weight_dtype=None
     return t
 
 
-def _run(impl, t, *, detach, dropout_p=0.0, seed=7, state_grad=True, upcast=False, dropout_mask=None):
+def _run(impl, t, *, detach, dropout_p=0.0, seed=7, state_grad=True, upcast=False, dropout_mask=None, grad_floor=1e-3):
     """Forward + backward of one implementation; returns a dict of output, new state and gradients (float32)."""
     cast = (lambda v: v.float()) if upcast else (lambda v: v)
     # detach() (not clone()) keeps the strides of non-contiguous test inputs.
@@ -70,11 +70,13 @@ def _run(impl, t, *, detach, dropout_p=0.0, seed=7, state_grad=True, upcast=Fals
     args = (leaves["x"], base, s, leaves["A"], leaves["B"], leaves["C"], leaves["D"])
     if impl == "reference":
         out, n = ssmlora_step_reference(
-            *args, scaling=SCALING, leaky_slope=SLOPE, eps=EPS, dropout_mask=dropout_mask, detach_state=detach
+            *args, scaling=SCALING, leaky_slope=SLOPE, eps=EPS, dropout_mask=dropout_mask, detach_state=detach,
+            grad_floor=grad_floor,
         )
     else:
         out, n = ssmlora_step_triton(
-            *args, scaling=SCALING, dropout_p=dropout_p, leaky_slope=SLOPE, eps=EPS, detach_state=detach, seed=seed
+            *args, scaling=SCALING, dropout_p=dropout_p, leaky_slope=SLOPE, eps=EPS, detach_state=detach, seed=seed,
+            grad_floor=grad_floor,
         )
         assert out is base, "the Triton step must return base_out itself (updated in place)"
     assert n.dtype == torch.float32
@@ -104,11 +106,13 @@ def _compare(got, want, tol):
         assert err <= tol * scale, f"{k}: max abs error {err:.3g} > {tol:g} * {scale:.3g}"
 
 
-def _check(t, dtype, *, detach, dropout_p=0.0, state_grad=True, tol=None):
+def _check(t, dtype, *, detach, dropout_p=0.0, state_grad=True, tol=None, grad_floor=1e-3):
     shape = (*t["x"].shape[:-1], t["A"].shape[0])
     mask = ssmlora_dropout_mask(7, dropout_p, shape, DEVICE) if dropout_p > 0 else None
-    want = _run("reference", t, detach=detach, upcast=True, dropout_mask=mask, state_grad=state_grad)
-    got = _run("triton", t, detach=detach, dropout_p=dropout_p, seed=7, state_grad=state_grad)
+    want = _run(
+        "reference", t, detach=detach, upcast=True, dropout_mask=mask, state_grad=state_grad, grad_floor=grad_floor
+    )
+    got = _run("triton", t, detach=detach, dropout_p=dropout_p, seed=7, state_grad=state_grad, grad_floor=grad_floor)
     if t["s"] is not None and detach:
         assert want["ds"] is None and got["ds"] is None
     _compare(got, want, tol or TOL[dtype])
@@ -236,6 +240,35 @@ def test_input_gradient_is_not_a_view():
     ((not_a_view, dx_ptr),) = seen
     assert not_a_view
     assert x.grad.data_ptr() == dx_ptr, "the frozen layer's gradient was not accumulated in place"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_floored_normalisation_gradient_matches_reference(dtype, detach, dropout_p):
+    # grad_floor = 10 lies above every row's max - min (< 3 here), so every row takes the floored backward.
+    t = _inputs(37, 40, 24, 8, dtype, seed=1000 + 7 * int(detach) + int(dropout_p > 0))
+    got, _ = _check(t, dtype, detach=detach, dropout_p=dropout_p, grad_floor=10.0)
+    exact = _run("triton", t, detach=detach, dropout_p=dropout_p, grad_floor=0.0)
+    assert torch.equal(got["out"], exact["out"]) and torch.equal(got["new_state"], exact["new_state"])
+    assert (got["dD"] - exact["dD"]).abs().max() > 0.1 * exact["dD"].abs().max(), "the floor must be in effect"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("detach", [True, False])
+def test_nearly_flat_states_match_reference(dtype, detach):
+    # What training meets right after initialisation: C and D tiny, a chain-start (zero) or flat incoming state, so
+    # max - min of z is far below the default floor (1e-3) but mostly above eps.
+    t = _inputs(45, 40, 24, 8, dtype, seed=2000 + int(detach))
+    t["C"] = t["C"] * 1e-5
+    t["D"] = t["D"] * 1e-5
+    t["s"] = torch.full_like(t["s"], 0.25)
+    t["s"][:5] = 0.0
+    # Loss-sized upstream gradients, so that float16 weight gradients (max 65504) stay finite.
+    t["G"] = t["G"] * 0.01
+    _, want = _check(t, dtype, detach=detach)
+    exact = _run("reference", t, detach=detach, upcast=True, grad_floor=0.0)
+    assert want["dD"].abs().max() * 5 < exact["dD"].abs().max(), "the floor must be in effect"
 
 
 @pytest.mark.parametrize("detach", [True, False])
