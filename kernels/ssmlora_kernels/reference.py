@@ -72,3 +72,43 @@ def ssmlora_step_reference(
         v = u32 + F.leaky_relu(dropped, negative_slope=leaky_slope)
     delta = F.linear(v.to(B_w.dtype), B_w) * scaling
     return base_out + delta.to(base_out.dtype), n
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def ssmlora_step_inference(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    state: torch.Tensor | None,
+    A_w: torch.Tensor,
+    B_w: torch.Tensor,
+    C_w: torch.Tensor,
+    D_w: torch.Tensor,
+    *,
+    scaling: float,
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ssmlora_step_reference` without dropout for calls that autograd does not record (generation, evaluation):
+    the same values in the same operation order, with about half of the operations.
+
+    What it leaves out changes no value: dtype casts where the dtype already matches; the autocast guard (callers
+    take this path only outside autocast); `s + s C` at a chain start (exact zeros); min/max as `aminmax` (the same
+    values; only the reference's gradient routing to the first arg-min/arg-max needs `argmin` + `gather`); the leaky
+    ReLU (the identity on `n ≥ 0`); fresh tensors for intermediates nothing else reads (updated in place).
+    """
+    u = F.linear(_as_dtype(x, A_w.dtype), A_w)
+    sdt = torch.promote_types(u.dtype, torch.float32)
+    u_s = _as_dtype(u, sdt)
+    if state is None:
+        z = F.linear(u_s, _as_dtype(D_w, sdt))
+    else:
+        s = _as_dtype(state, sdt)
+        # (s + s C) + u D, summed in the reference's order.
+        z = F.linear(s, _as_dtype(C_w, sdt)).add_(s).add_(F.linear(u_s, _as_dtype(D_w, sdt)))
+    lo, hi = torch.aminmax(z, dim=-1, keepdim=True)
+    n = z.sub_(lo).div_(hi.sub_(lo).add_(eps))
+    v = u_s.add_(n)  # u itself or its fresh upcast: nothing else reads it
+    delta = F.linear(_as_dtype(v, B_w.dtype), B_w).mul_(scaling)
+    return base_out + _as_dtype(delta, base_out.dtype), n
