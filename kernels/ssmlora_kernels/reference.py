@@ -99,7 +99,7 @@ def ssmlora_step_inference(
     ReLU (the identity on `n ≥ 0`); fresh tensors for intermediates nothing else reads (updated in place).
     """
     u = F.linear(_as_dtype(x, A_w.dtype), A_w)
-    sdt = torch.promote_types(u.dtype, torch.float32)
+    sdt = torch.float64 if u.dtype == torch.float64 else torch.float32  # the reference's promote_types(u, float32)
     u_s = _as_dtype(u, sdt)
     if state is None:
         z = F.linear(u_s, _as_dtype(D_w, sdt))

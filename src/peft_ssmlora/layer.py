@@ -208,7 +208,7 @@ class Linear(nn.Module, SSMLoRALayer):
                 eps=self.norm_eps[adapter],
                 detach_state=self.detach_state[adapter],
             )
-            if self.detach_state[adapter]:
+            if self.detach_state[adapter] and new_state.requires_grad:
                 # The next module would detach it anyway; detaching here frees this step's graph sooner.
                 new_state = new_state.detach()
             if call is not None:  # None: a recomputation, whose original forward wrote this state already
