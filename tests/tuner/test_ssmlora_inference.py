@@ -232,6 +232,7 @@ def _compiled_generate(backend):
     from transformers import CompileConfig
 
     torch._dynamo.reset()
+    counters.clear()  # reset() keeps them: graphs compiled by earlier tests would count
     model = _ssmlora_llama()
     ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
     eager = _generate(model, ids)
