@@ -26,20 +26,23 @@ _RESOLVED_IMPLS: dict[tuple[str, str], str] = {}
 
 def selected_impl(device: torch.device) -> str:
     """The implementation (`"torch"` or `"triton"`) that `ssmlora_step` uses for tensors on `device`."""
+    return _impl_for(device.type)
+
+
+def _impl_for(device_type: str) -> str:
     setting = os.environ.get(IMPL_ENV_VAR, "auto")
-    key = (setting, device.type)
-    impl = _RESOLVED_IMPLS.get(key)
+    impl = _RESOLVED_IMPLS.get((setting, device_type))
     if impl is None:
-        impl = _RESOLVED_IMPLS[key] = _resolve_impl(setting, device)
+        impl = _RESOLVED_IMPLS[(setting, device_type)] = _resolve_impl(setting, device_type)
     return impl
 
 
-def _resolve_impl(setting: str, device: torch.device) -> str:
+def _resolve_impl(setting: str, device_type: str) -> str:
     impl = setting.strip().lower() or "auto"
     if impl not in _IMPLS:
         raise ValueError(f"{IMPL_ENV_VAR}={impl!r} is not one of {_IMPLS}; unset it or pick one of those.")
     if impl == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+        return "triton" if device_type == "cuda" and _triton_available() else "torch"
     return impl
 
 
@@ -83,15 +86,16 @@ def ssmlora_step(
 
     `dropout_p` is the state dropout probability to apply now (0 in eval mode); `state=None` starts a chain.
     """
-    if selected_impl(x.device) == "triton":
+    device_type = x.device.type
+    if _impl_for(device_type) == "triton":
         from ssmlora_kernels.triton_step import ssmlora_step_triton
 
         return ssmlora_step_triton(
             x, base_out, state, A_w, B_w, C_w, D_w,
             scaling=scaling, dropout_p=dropout_p, leaky_slope=leaky_slope, eps=eps, detach_state=detach_state,
         )
-    if (dropout_p == 0 and not torch.is_autocast_enabled(x.device.type)
-            and not _recorded_by_autograd(x, base_out, state, A_w, B_w, C_w, D_w)):
+    if (not _recorded_by_autograd(x, base_out, state, A_w, B_w, C_w, D_w) and dropout_p == 0
+            and not torch.is_autocast_enabled(device_type)):
         return ssmlora_step_inference(x, base_out, state, A_w, B_w, C_w, D_w, scaling=scaling, eps=eps)
     mask = None
     if dropout_p > 0:
