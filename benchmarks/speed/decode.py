@@ -25,6 +25,7 @@ number of adapted modules; its ratio to LoRA's is the per-module cost goal of is
 
     python -m benchmarks.speed.decode --preset tiny --threads 1     # CPU presets: tiny, small
     python -m benchmarks.speed.decode --preset 8b --batch 1 8       # GPU
+    python -m benchmarks.speed.decode --count-ops                   # + torch calls / aten ops per adapted module
 
 Writes `decode_<preset>.csv` (long form: one row per method / batch / phase / metric) and `decode_<preset>.md` to
 `--out-dir` (default `benchmarks/speed/results/decode/<device>/`), rewritten after every batch size.
@@ -33,12 +34,14 @@ Writes `decode_<preset>.csv` (long form: one row per method / batch / phase / me
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from benchmarks.common import (
     add_adapter,
@@ -100,6 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=None, help="CPU: torch threads")
     p.add_argument("--out-dir", default=None, help="default: benchmarks/speed/results/decode/<device>")
+    p.add_argument("--count-ops", action="store_true",
+                   help="also count, per adapted module, the torch calls and aten ops of one decode step (batch 1)")
     args = p.parse_args(argv)
 
     gpu = torch.device(args.device).type == "cuda"
@@ -241,6 +246,50 @@ def measure_batch(models, args, device, batch: int) -> dict:
     return result
 
 
+class _CallCounter(TorchFunctionMode):
+    """Counts the torch functions and tensor methods called from Python (each one a dispatch, on a GPU a launch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") != "__get__":  # attribute reads (shape, dtype, ...) dispatch nothing
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(models, args, device) -> dict:
+    """Per method, one decode step (batch 1, KV cache of the prompt): torch calls from Python and aten ops (the
+    profiler's count), each per adapted module above the base model's. Needs "base" among the methods."""
+    from torch.profiler import ProfilerActivity, profile
+
+    vocab = PRESETS[args.preset]["vocab_size"]
+    ids = torch.randint(1, vocab, (1, args.prompt), generator=torch.Generator().manual_seed(args.seed)).to(device)
+    totals = {}
+    for method in ("base", *[m for m in args.methods if m != "base" and not METHODS[m][3]]):
+        model = models[method]
+        with ssmlora_impl(METHODS[method][2]), torch.inference_mode():
+            prefill = model(input_ids=ids, use_cache=True)
+            token = prefill.logits[:, -1:].argmax(-1)
+            model(input_ids=token, past_key_values=copy.deepcopy(prefill.past_key_values), use_cache=True)  # warm
+            with _CallCounter() as counter:
+                model(input_ids=token, past_key_values=copy.deepcopy(prefill.past_key_values), use_cache=True)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                model(input_ids=token, past_key_values=copy.deepcopy(prefill.past_key_values), use_cache=True)
+        totals[method] = (counter.calls, sum(event.count for event in prof.key_averages()))
+    counts = {}
+    for method, (calls, aten) in totals.items():
+        modules = adapted_modules(models[method])
+        if method != "base" and modules:
+            counts[method] = {"torch_calls_per_module": (calls - totals["base"][0]) / modules,
+                              "aten_ops_per_module": (aten - totals["base"][1]) / modules}
+            print(f"{method:15s} one decode step, per adapted module above the base model: "
+                  f"{counts[method]['torch_calls_per_module']:.2f} torch calls from Python, "
+                  f"{counts[method]['aten_ops_per_module']:.2f} aten ops", flush=True)
+    return counts
+
+
 def csv_rows(record: dict) -> list[dict]:
     """Long form: one row per method / batch / phase / metric."""
     common = {"suite": "speed", "study": "decode", "task": f"llama-{record['preset']}", "device": record["device"],
@@ -268,6 +317,9 @@ def csv_rows(record: dict) -> list[dict]:
             add(method, batch, "prefill", "tokens_per_s", "tokens/s", batch * record["prompt"] / m["prefill_s"][0])
             if m["tokens_equal_to_eager"] is not None:
                 add(method, batch, "decode", "tokens_equal_to_eager", "bool", int(m["tokens_equal_to_eager"]))
+        for method, counts in point.get("op_counts", {}).items():
+            for metric, value in counts.items():
+                add(method, batch, "decode", metric, "count", value)
         for name, values in point["ratios"].items():
             method, against = name.split("/", 1)
             add(method, batch, "decode", f"ratio_vs_{against.replace(' ', '_')}", "x", values)
@@ -298,6 +350,12 @@ def markdown(record: dict) -> str:
     rows = [[point["batch"], name, f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"]
             for point in record["points"] for name, v in point["ratios"].items()]
     lines += [markdown_table(["batch", "ratio", "value"], rows), ""]
+    counts = [(method, c) for point in record["points"] for method, c in point.get("op_counts", {}).items()]
+    if counts:
+        lines += ["One decode step (batch 1), per adapted module above the base model (`--count-ops`):", "",
+                  markdown_table(["method", "torch calls from Python", "aten ops"],
+                                 [[m, f"{c['torch_calls_per_module']:.2f}", f"{c['aten_ops_per_module']:.2f}"]
+                                  for m, c in counts]), ""]
     return "\n".join(lines)
 
 
@@ -313,8 +371,11 @@ def main(argv=None) -> int:
     record = {"preset": args.preset, "rank": args.rank, "dtype": str(dtype).replace("torch.", ""),
               "device": device_name(device), "prompt": args.prompt, "new_tokens": args.new_tokens,
               "repeats": args.repeats, "methods": args.methods, "points": []}
+    op_counts = count_ops(models, args, device) if args.count_ops and "base" in args.methods else {}
     for batch in args.batch:
         record["points"].append(measure_batch(models, args, device, batch))
+        if batch == 1 and op_counts:
+            record["points"][-1]["op_counts"] = op_counts
         record.update(host=host_info(), timestamp=time.strftime("%Y-%m-%d %H:%M:%S"))
         csv_path = write_text_atomic(out_dir / f"decode_{args.preset}.csv", csv_text(csv_rows(record)))
         md_path = write_text_atomic(out_dir / f"decode_{args.preset}.md", markdown(record))

@@ -12,7 +12,7 @@ import benchmarks.speed.decode as decode
 
 def test_tiny_run_writes_long_form_rows_and_table(tmp_path, capsys):
     args = ["--device", "cpu", "--preset", "tiny", "--batch", "1", "2", "--new-tokens", "3", "--repeats", "2",
-            "--warmup", "0", "--methods", "base,lora,ssmlora", "--out-dir", str(tmp_path)]
+            "--warmup", "0", "--methods", "base,lora,ssmlora", "--count-ops", "--out-dir", str(tmp_path)]
     assert decode.main(args) == 0
     with open(tmp_path / "decode_tiny.csv") as f:
         rows = list(csv.DictReader(f))
@@ -27,6 +27,9 @@ def test_tiny_run_writes_long_form_rows_and_table(tmp_path, capsys):
     assert by_key[("lora", "1", "-", "adapted_modules")]["value"] == "16"
     assert by_key[("ssmlora", "1", "-", "adapted_modules")]["value"] == "8"
     assert ("ssmlora", "1", "decode", "ratio_vs_lora") in by_key
+    # LoRA's unmerged update: two linears, a scale, an add, one cast (dropout is off, no call)
+    assert by_key[("lora", "1", "decode", "torch_calls_per_module")]["value"] == "5.0"
+    assert float(by_key[("ssmlora", "1", "decode", "aten_ops_per_module")]["value"]) > 0
     table = (tmp_path / "decode_tiny.md").read_text()
     assert "| 2 | ssmlora | 8 |" in table and "ssmlora/lora" in table
 
