@@ -27,8 +27,8 @@ def test_tiny_run_writes_long_form_rows_and_table(tmp_path, capsys):
     assert by_key[("lora", "1", "-", "adapted_modules")]["value"] == "16"
     assert by_key[("ssmlora", "1", "-", "adapted_modules")]["value"] == "8"
     assert ("ssmlora", "1", "decode", "ratio_vs_lora") in by_key
-    # LoRA's unmerged update: two linears, a scale, an add, one cast (dropout is off, no call)
-    assert by_key[("lora", "1", "decode", "torch_calls_per_module")]["value"] == "5.0"
+    calls = {m: float(by_key[(m, "1", "decode", "torch_calls_per_module")]["value"]) for m in ("lora", "ssmlora")}
+    assert 0 < calls["lora"] < calls["ssmlora"]  # SSMLoRA's state path: more calls per module than LoRA's B A x
     assert float(by_key[("ssmlora", "1", "decode", "aten_ops_per_module")]["value"]) > 0
     table = (tmp_path / "decode_tiny.md").read_text()
     assert "| 2 | ssmlora | 8 |" in table and "ssmlora/lora" in table
