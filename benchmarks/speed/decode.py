@@ -21,7 +21,8 @@ so a change in the machine's load hits them alike. Per repeat and method: `gener
 alone) and of N new tokens; prefill = the first, decode ms/token = (second - first) / (N - 1). Medians with 20/80
 percentiles over `--repeats` after `--warmup` (compiled methods compile in their warm-up). Ratios are medians of the
 per-repeat ratios of two methods measured back to back. "Added ms per adapted module" = (method - base) / the
-number of adapted modules; its ratio to LoRA's is the per-module cost goal of issue 30.
+number of adapted modules; its ratio to LoRA's is the per-module cost goal of issue 30. "Same tokens": a compiled
+method's tokens against its eager twin's, ssmlora-triton's against ssmlora's (torch step), same prompt and batch.
 
     python -m benchmarks.speed.decode --preset tiny --threads 1     # CPU presets: tiny, small
     python -m benchmarks.speed.decode --preset 8b --batch 1 8       # GPU
@@ -225,7 +226,7 @@ def measure_batch(models, args, device, batch: int) -> dict:
         result["methods"][method] = {
             "status": "ok", "adapted_modules": modules,
             "prefill_s": quantiles(prefill[method]), "decode_s_per_token": quantiles(decode[method]),
-            "tokens_equal_to_eager": (None if reference not in tokens
+            "tokens_equal_to_twin": (None if reference not in tokens
                                       else bool(torch.equal(tokens[method], tokens[reference]))),
         }
         med = result["methods"][method]["decode_s_per_token"][0] * 1e3
@@ -315,8 +316,8 @@ def csv_rows(record: dict) -> list[dict]:
             add(method, batch, "decode", "tokens_per_s", "tokens/s", batch / m["decode_s_per_token"][0])
             add(method, batch, "prefill", "ms", "ms", tuple(v * 1e3 for v in m["prefill_s"]))
             add(method, batch, "prefill", "tokens_per_s", "tokens/s", batch * record["prompt"] / m["prefill_s"][0])
-            if m["tokens_equal_to_eager"] is not None:
-                add(method, batch, "decode", "tokens_equal_to_eager", "bool", int(m["tokens_equal_to_eager"]))
+            if m["tokens_equal_to_twin"] is not None:
+                add(method, batch, "decode", "tokens_equal_to_twin", "bool", int(m["tokens_equal_to_twin"]))
         for method, counts in point.get("op_counts", {}).items():
             for metric, value in counts.items():
                 add(method, batch, "decode", metric, "count", value)
@@ -334,7 +335,7 @@ def markdown(record: dict) -> str:
              f"interleaved repeats; {host['torch_threads']} torch thread(s); 1-minute load average "
              f"{host.get('load_average', ['?'])[0]} at the end; {record['timestamp']}.", ""]
     header = ["batch", "method", "adapted modules", "decode ms/token [p20, p80]", "tokens/s", "prefill ms [p20, p80]",
-              "same tokens as eager"]
+              "same tokens as its twin"]
     rows = []
     for point in record["points"]:
         for method, m in point["methods"].items():
@@ -342,7 +343,7 @@ def markdown(record: dict) -> str:
                 rows.append([point["batch"], method, m["adapted_modules"], m["status"], "", "", ""])
                 continue
             d, pf = [v * 1e3 for v in m["decode_s_per_token"]], [v * 1e3 for v in m["prefill_s"]]
-            same = {None: "–", True: "yes", False: "no"}[m["tokens_equal_to_eager"]]
+            same = {None: "–", True: "yes", False: "no"}[m["tokens_equal_to_twin"]]
             rows.append([point["batch"], method, m["adapted_modules"], f"{d[0]:.3f} [{d[1]:.3f}, {d[2]:.3f}]",
                          f"{point['batch'] / d[0] * 1e3:,.1f}", f"{pf[0]:.2f} [{pf[1]:.2f}, {pf[2]:.2f}]", same])
     lines += [markdown_table(header, rows), "", "Ratios of decode ms/token (medians [p20, p80] of per-repeat ratios):",
