@@ -25,6 +25,8 @@ state whose entries span less than 0.1 % of it is treated as flat by the gradien
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -66,15 +68,15 @@ def ssmlora_step_reference(
         `(out, new_state)`: `out = base_out + scaling · v B` in `base_out`'s dtype, and the state `n` in float32
         (float64 for float64 inputs).
     """
-    u = F.linear(x.to(A_w.dtype), A_w)
+    u = F.linear(_as_dtype(x, A_w.dtype), A_w)
     # The state path runs in at least float32 (float64 for float64 inputs, so that `torch.autograd.gradcheck` can
     # check this function), and must stay there even under an enclosing autocast region.
     sdt = torch.promote_types(u.dtype, torch.float32)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        u32 = u.to(sdt)
+    with _autocast_off(x.device.type):
+        u32 = _as_dtype(u, sdt)
         # A zero state still goes through C, so that C receives a (zero) gradient at a chain start: DDP requires
         # every trainable parameter to take part in the loss.
-        s = u32.new_zeros(u32.shape) if state is None else state.to(sdt)
+        s = u32.new_zeros(u32.shape) if state is None else _as_dtype(state, sdt)
         if detach_state:
             s = s.detach()
         z = s + F.linear(s, C_w.to(sdt)) + F.linear(u32, D_w.to(sdt))
@@ -89,5 +91,53 @@ def ssmlora_step_reference(
             n = n.detach() + (n - n.detach()) * grad_scale
         dropped = n if dropout_mask is None else n * dropout_mask.to(n.dtype)
         v = u32 + F.leaky_relu(dropped, negative_slope=leaky_slope)
-    delta = F.linear(v.to(B_w.dtype), B_w) * scaling
-    return base_out + delta.to(base_out.dtype), n
+    delta = F.linear(_as_dtype(v, B_w.dtype), B_w) * scaling
+    return base_out + _as_dtype(delta, base_out.dtype), n
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t.to(dtype)` without the call when the dtype already matches (a call per tensor per step adds up at decode)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled for the block: a real context only where autocast is on (entering one costs microseconds)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def ssmlora_step_inference(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    state: torch.Tensor | None,
+    A_w: torch.Tensor,
+    B_w: torch.Tensor,
+    C_w: torch.Tensor,
+    D_w: torch.Tensor,
+    *,
+    scaling: float,
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ssmlora_step_reference` without dropout for calls that autograd does not record (generation, evaluation):
+    the same values in the same operation order, with about half of the operations.
+
+    What it leaves out changes no value: dtype casts where the dtype already matches; the autocast guard (callers
+    take this path only outside autocast); `s + s C` at a chain start (exact zeros); min/max as `aminmax` (the same
+    values; only the reference's gradient routing to the first arg-min/arg-max needs `argmin` + `gather`); the leaky
+    ReLU (the identity on `n ≥ 0`); fresh tensors for intermediates nothing else reads (updated in place).
+    """
+    u = F.linear(_as_dtype(x, A_w.dtype), A_w)
+    sdt = torch.float64 if u.dtype == torch.float64 else torch.float32  # the reference's promote_types(u, float32)
+    u_s = _as_dtype(u, sdt)
+    if state is None:
+        z = F.linear(u_s, _as_dtype(D_w, sdt))
+    else:
+        s = _as_dtype(state, sdt)
+        # (s + s C) + u D, summed in the reference's order.
+        z = F.linear(s, _as_dtype(C_w, sdt)).add_(s).add_(F.linear(u_s, _as_dtype(D_w, sdt)))
+    lo, hi = torch.aminmax(z, dim=-1, keepdim=True)
+    n = z.sub_(lo).div_(hi.sub_(lo).add_(eps))
+    v = u_s.add_(n)  # u itself or its fresh upcast: nothing else reads it
+    delta = F.linear(_as_dtype(v, B_w.dtype), B_w).mul_(scaling)
+    return base_out + _as_dtype(delta, base_out.dtype), n

@@ -9,6 +9,7 @@ import torch
 from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.nn.modules import module as _module_hooks
 from transformers.pytorch_utils import Conv1D
 
 from .chain import REENTRANT_CHECKPOINTING_REFUSED, ChainContext, ChainLink
@@ -194,15 +195,15 @@ class Linear(nn.Module, SSMLoRALayer):
                 # A layer run without gradients inside a call with gradients: reentrant checkpointing's first
                 # forward (or a `no_grad` block in the model), which would cut the gradient along the chain.
                 raise RuntimeError(REENTRANT_CHECKPOINTING_REFUSED)
+            A_w, B_w, C_w, D_w = self._adapter_weights(adapter)
             result, new_state = ssmlora_step(
                 x,
                 result,
                 state,
-                # Called, not read: see `SSMLoRAWeight` (FSDP gathers each one only while it runs).
-                self.ssmlora_A[adapter](),
-                self.ssmlora_B[adapter](),
-                self.ssmlora_C[adapter](),
-                self.ssmlora_D[adapter](),
+                A_w,
+                B_w,
+                C_w,
+                D_w,
                 scaling=self.scaling[adapter],
                 dropout_p=self.state_dropout[adapter] if self.training else 0.0,
                 leaky_slope=self.leaky_slope[adapter],
@@ -210,12 +211,35 @@ class Linear(nn.Module, SSMLoRALayer):
                 grad_floor=self.norm_grad_floor[adapter],
                 detach_state=self.detach_state[adapter],
             )
-            if self.detach_state[adapter]:
+            if self.detach_state[adapter] and new_state.requires_grad:
                 # The next module would detach it anyway; detaching here frees this step's graph sooner.
                 new_state = new_state.detach()
             if call is not None:  # None: a recomputation, whose original forward wrote this state already
                 call.write(adapter, link, new_state)
         return result
 
+    def _adapter_weights(self, adapter: str) -> list[torch.Tensor]:
+        """A, B, C and D of `adapter`, as calling their modules returns them (see `SSMLoRAWeight`: FSDP gathers each
+        one only while it runs). A module that nothing wraps or hooks hands over its parameter directly: at decode,
+        four module calls cost as much as the step's arithmetic."""
+        weights = []
+        for name in self.adapter_layer_names:
+            module = self._modules[name]._modules[adapter]
+            weight = module._parameters.get("weight") if type(module) is SSMLoRAWeight else None
+            if type(weight) is nn.Parameter and _runs_unhooked(module):
+                weights.append(weight)
+            else:
+                weights.append(module())
+        return weights
+
     def __repr__(self) -> str:
         return "ssmlora." + super().__repr__()
+
+
+def _runs_unhooked(module: nn.Module) -> bool:
+    """Whether calling `module` runs its forward alone: no hook of its own and no global module hook (the check
+    `nn.Module.__call__` makes before its fast path)."""
+    return not (module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks or _module_hooks._global_forward_pre_hooks
+                or _module_hooks._global_forward_hooks or _module_hooks._global_backward_pre_hooks
+                or _module_hooks._global_backward_hooks)
