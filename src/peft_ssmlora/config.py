@@ -220,8 +220,7 @@ class SSMLoRAConfig(PeftConfig):
             raise _field_type_error("modules_to_save", self.modules_to_save, "a list of module names or None",
                                     'Write e.g. modules_to_save=["classifier"].')
         value = self.layers_to_transform
-        if value is not None and not (_is_int(value) or (_is_sequence_of(value, int, ordered=True)
-                                                         and all(_is_int(i) for i in value))):
+        if value is not None and not (_is_int(value) or _is_index_list(value)):
             raise _field_type_error("layers_to_transform", value, "a layer index, a list of layer indices or None",
                                     "Write e.g. layers_to_transform=[0, 1, 2] (in JSON: numbers without quotes).")
         value = self.init_weights

@@ -112,8 +112,7 @@ class SSMLoRAModel(BaseTuner):
                       if isinstance(module, (nn.Linear, Conv1D, SSMLoRALayer)) and not key.endswith(".base_layer")]
         period = max(2, len(config.interval_modules or ()))
         for slot, name in enumerate(config.interval_modules or ()):
-            indices = sorted({layer_index(key, config.layers_pattern) for key in candidates
-                              if _name_matches(key, name)} - {None})
+            indices = _layers_having(name, candidates, config.layers_pattern)
             if indices and not any(index % period == slot for index in indices):
                 raise ValueError(
                     f"Interval module {name!r} is adapted nowhere: at place {slot} of the "
@@ -126,8 +125,7 @@ class SSMLoRAModel(BaseTuner):
             kept = [key for key in candidates if _is_adapted(check_target_module_exists(config, key))]
             for name in sorted(config.target_modules):
                 if not any(_name_matches(key, name) for key in kept):
-                    indices = sorted({layer_index(key, config.layers_pattern) for key in candidates
-                                      if _name_matches(key, name)} - {None})
+                    indices = _layers_having(name, candidates, config.layers_pattern)
                     raise ValueError(
                         f"Target module {name!r} is adapted nowhere: the model has it in layers {indices}, and "
                         f"`layers_to_transform` {config.layers_to_transform!r} / `exclude_modules` "
@@ -253,6 +251,11 @@ def _chain_context_of(model: nn.Module) -> ChainContext | None:
         if isinstance(module, SSMLoRALayer) and module.ssmlora_context is not None:
             return module.ssmlora_context
     return None
+
+
+def _layers_having(name: str, keys: list[str], layers_pattern) -> list[int]:
+    """The layer indices of the modules among `keys` that `name` matches."""
+    return sorted({layer_index(key, layers_pattern) for key in keys if _name_matches(key, name)} - {None})
 
 
 def _is_adapted(matched: Any) -> bool:
